@@ -1,0 +1,37 @@
+//! Ending the VM through the exit port.
+
+use core::sync::atomic::{AtomicU16, Ordering};
+
+/// The exit device's I/O port: the contract's default until `BootInfo` says otherwise.
+static PORT: AtomicU16 = AtomicU16::new(vmkit_guest_abi::EXIT_PORT);
+
+/// Exit statuses of the built-in guest (also documented in README.md and the VMM's docs).
+pub mod status {
+    /// Everything passed.
+    pub const SUCCESS: u32 = vmkit_guest_abi::EXIT_SUCCESS;
+    /// Not every vCPU checked in before the timeout.
+    pub const CHECK_IN_TIMEOUT: u32 = 1;
+    /// The compute workload produced a wrong result.
+    pub const COMPUTE_MISMATCH: u32 = 2;
+    /// The arguments could not be parsed.
+    pub const BAD_ARGUMENT: u32 = 3;
+    /// A memory workload does not fit in the free memory.
+    pub const NO_MEMORY: u32 = 4;
+    /// The boot information block (or the vCPU index) is invalid.
+    pub const BAD_BOOT_INFO: u32 = 0xfe;
+    /// The guest panicked.
+    pub const PANIC: u32 = 0xff;
+}
+
+/// Uses `port` as the exit port from now on (the one `BootInfo::exit_port` names).
+pub fn set_port(port: u16) {
+    PORT.store(port, Ordering::Relaxed);
+}
+
+/// Ends the VM with `status`. The write makes the VMM stop every vCPU, but not necessarily
+/// before this one runs on, so it then idles.
+pub fn exit(status: u32) -> ! {
+    // SAFETY: a write to the exit port ends the VM; nothing in the guest depends on continuing.
+    unsafe { crate::io::outl(PORT.load(Ordering::Relaxed), status) };
+    crate::cpu::idle()
+}
