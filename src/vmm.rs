@@ -1,0 +1,296 @@
+//! Assembling a VM from its definition: memory, VM, program, devices, vCPU threads.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use vmkit_guest_abi::{EXIT_PORT, SERIAL_PORT};
+use vmkit_memory::{Backing, GuestRam, KvmSlots, MemoryAccounting, MemoryConfig};
+use vmkit_vcpu::x86_64::boot::FlatBoot;
+use vmkit_vcpu::{IoBuses, RunningVm, VcpuStats, Vm, VmControl, VmEnd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::{ExitPort, SerialConsole, SerialOutput};
+use crate::program::{Program, ProgramError};
+
+/// The GSI of COM1's interrupt (IRQ 4 on the PIC and IOAPIC).
+pub const SERIAL_IRQ: u32 = 4;
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The guest memory could not be set up.
+    #[error("guest memory: {0}")]
+    Memory(#[from] vmkit_memory::Error),
+    /// The VM or its vCPUs could not be set up.
+    #[error("VM: {0}")]
+    Vcpu(#[from] vmkit_vcpu::Error),
+    /// The program could not be loaded.
+    #[error("program: {0}")]
+    Program(#[from] ProgramError),
+    /// A device could not be set up.
+    #[error("device {device}: {source}")]
+    Device {
+        /// Which device.
+        device: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What a VM is made of.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Number of vCPUs.
+    pub cpus: usize,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// How guest RAM is backed.
+    pub backing: Backing,
+    /// Fault all guest RAM in before the guest starts.
+    pub prefault: bool,
+    /// The program to run.
+    pub program: Program,
+    /// Arguments passed to the program in its boot information.
+    pub args: String,
+    /// Copy the guest's serial output to standard output as it arrives.
+    pub echo_serial: bool,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            cpus: 1,
+            memory: 256 << 20,
+            backing: Backing::Anonymous,
+            prefault: false,
+            program: Program::Builtin,
+            args: String::new(),
+            echo_serial: false,
+        }
+    }
+}
+
+/// A running VM and its devices.
+pub struct Vmm {
+    // Field order is drop order: vCPU threads end before the slots and RAM go away.
+    running: RunningVm,
+    serial: SerialOutput,
+    exit_port: Arc<ExitPort>,
+    _slots: KvmSlots,
+    _vm: Vm,
+    ram: GuestRam,
+    started: Instant,
+    vcpus_started: Duration,
+}
+
+impl Vmm {
+    /// Builds the VM described by `config` and starts its vCPUs. `started` is when the process
+    /// (or the caller's measurement) began, for the start-up figures in the report.
+    pub fn start(config: &VmConfig, started: Instant) -> Result<Vmm, Error> {
+        let ram = GuestRam::new(
+            &MemoryConfig::new(config.memory)
+                .with_backing(config.backing)
+                .with_prefault(config.prefault),
+        )?;
+        let vm = Vm::new(config.cpus)?;
+        let slots = vm.register_memory(&ram, false)?;
+
+        let ranges: Vec<(u64, u64)> = ram.ranges().iter().map(|r| (r.start.0, r.size)).collect();
+        let low_ram_end = ranges.first().map_or(0, |&(start, size)| start + size);
+        let program = config.program.load(ram.memory(), low_ram_end)?;
+        let layout = FlatBoot {
+            entry: program.entry,
+            image_end: program.image_end,
+            cpu_count: config.cpus as u32,
+            ram: ranges,
+            devices: Vec::new(),
+            args: config.args.clone().into_bytes(),
+        }
+        .write(ram.memory())?;
+
+        let buses = IoBuses::new();
+        let serial = SerialOutput::new(config.echo_serial);
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Device {
+            device: "serial",
+            source,
+        })?;
+        vm.fd()
+            .register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(|e| Error::Device {
+                device: "serial",
+                source: e.into(),
+            })?;
+        buses.pio.insert(
+            u64::from(SERIAL_PORT),
+            SerialConsole::PORT_COUNT,
+            Arc::new(SerialConsole::new(serial_irq, serial.clone())),
+        )?;
+        let exit_port = Arc::new(ExitPort::new());
+        buses.pio.insert(
+            u64::from(EXIT_PORT),
+            ExitPort::PORT_COUNT,
+            exit_port.clone(),
+        )?;
+
+        let vcpus = vm.create_vcpus()?;
+        for vcpu in &vcpus {
+            layout.entry_state(vcpu.index as u32).apply(&vcpu.fd)?;
+        }
+        let running = RunningVm::start(vcpus, Arc::new(buses))?;
+        exit_port.connect(running.control());
+        let vcpus_started = started.elapsed();
+        Ok(Vmm {
+            running,
+            serial,
+            exit_port,
+            _slots: slots,
+            _vm: vm,
+            ram,
+            started,
+            vcpus_started,
+        })
+    }
+
+    /// Pause, resume and stop the VM from another thread.
+    pub fn control(&self) -> VmControl {
+        self.running.control()
+    }
+
+    /// The guest's RAM (for tests and tools that inspect it).
+    pub fn memory(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// What the guest has written to the serial port so far.
+    pub fn serial_output(&self) -> Vec<u8> {
+        self.serial.captured()
+    }
+
+    /// Waits for the VM to end and reports.
+    pub fn wait(self) -> RunReport {
+        let outcome = self.running.wait();
+        // Measured while guest RAM is still mapped, so resident guest pages are counted.
+        let memory = self.ram.accounting().ok();
+        let first_byte = self.serial.first_byte_at();
+        RunReport {
+            exit_status: self.exit_port.status(),
+            end: outcome.end,
+            serial: self.serial.captured(),
+            stats: outcome.stats,
+            memory,
+            vcpus_started: self.vcpus_started,
+            first_serial_byte: first_byte.map(|at| at.duration_since(self.started)),
+            first_serial_byte_unix: first_byte.map(|at| unix_time_at(at)),
+        }
+    }
+}
+
+/// The wall-clock time of `instant`, so another process can compare it with its own clock.
+fn unix_time_at(instant: Instant) -> Duration {
+    let now_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    now_unix.saturating_sub(instant.elapsed())
+}
+
+/// What a finished VM reports.
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    /// The status the guest wrote to the exit port, if it did.
+    pub exit_status: Option<u32>,
+    /// Why the VM ended.
+    pub end: VmEnd,
+    /// Everything the guest wrote to the serial port.
+    pub serial: Vec<u8>,
+    /// Per-vCPU statistics.
+    pub stats: Vec<VcpuStats>,
+    /// Memory accounting at the end of the run (None if /proc could not be read).
+    pub memory: Option<MemoryAccounting>,
+    /// From `started` to all vCPU threads running.
+    pub vcpus_started: Duration,
+    /// From `started` to the guest's first serial byte.
+    pub first_serial_byte: Option<Duration>,
+    /// Wall-clock time (since the Unix epoch) of the guest's first serial byte.
+    pub first_serial_byte_unix: Option<Duration>,
+}
+
+impl RunReport {
+    /// Whether the guest ended through the exit port with status 0.
+    pub fn success(&self) -> bool {
+        self.end == VmEnd::Stopped && self.exit_status == Some(vmkit_guest_abi::EXIT_SUCCESS)
+    }
+
+    /// The process exit code for this run: 0 on success, else non-zero (the guest's status
+    /// where it gave one that fits, 1 otherwise).
+    pub fn exit_code(&self) -> i32 {
+        match (self.success(), self.exit_status) {
+            (true, _) => 0,
+            (false, Some(status)) if (1..=255).contains(&status) && self.end == VmEnd::Stopped => {
+                status as i32
+            }
+            _ => 1,
+        }
+    }
+
+    /// One line saying how the VM ended.
+    pub fn describe_end(&self) -> String {
+        match (&self.end, self.exit_status) {
+            (VmEnd::Stopped, Some(status)) => format!("guest exited with status {status}"),
+            (VmEnd::Stopped, None) => "stopped by the VMM".into(),
+            (VmEnd::AllHalted, _) => "every vCPU halted".into(),
+            (VmEnd::Shutdown { index, state }, _) => {
+                format!("vCPU {index} shut down (triple fault): {state}")
+            }
+            (VmEnd::SystemEvent { index, event }, _) => {
+                format!("vCPU {index} requested {event:?}")
+            }
+            (VmEnd::Error(error), _) => error.to_string(),
+        }
+    }
+
+    /// The report as one JSON object.
+    pub fn to_json(&self) -> serde_json::Value {
+        let vcpus: Vec<serde_json::Value> = self
+            .stats
+            .iter()
+            .map(|s| {
+                let exits: serde_json::Map<String, serde_json::Value> = s
+                    .exits
+                    .iter()
+                    .map(|(name, count)| (name.to_string(), count.into()))
+                    .collect();
+                serde_json::json!({
+                    "index": s.index,
+                    "thread_id": s.thread_id,
+                    "exits": exits,
+                    "exits_total": s.exits.total(),
+                    "kvm_run_us": s.kvm_run_time.as_micros() as u64,
+                    "exit_handling_us": s.exit_handling_time.as_micros() as u64,
+                    "guest_time_ms": s.guest_time.as_millis() as u64,
+                })
+            })
+            .collect();
+        let memory = self.memory.map(|m| {
+            serde_json::json!({
+                "guest_size": m.guest_size,
+                "guest_resident": m.guest_resident,
+                "vmm_overhead_resident": m.vmm_resident,
+                "process_resident": m.process_resident,
+            })
+        });
+        serde_json::json!({
+            "success": self.success(),
+            "exit_status": self.exit_status,
+            "end": self.describe_end(),
+            "serial": String::from_utf8_lossy(&self.serial),
+            "vcpus": vcpus,
+            "memory": memory,
+            "startup": {
+                "vcpus_started_us": self.vcpus_started.as_micros() as u64,
+                "first_serial_byte_us": self.first_serial_byte.map(|d| d.as_micros() as u64),
+                "first_serial_byte_unix_ns": self.first_serial_byte_unix.map(|d| d.as_nanos() as u64),
+            },
+        })
+    }
+}
