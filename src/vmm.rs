@@ -181,7 +181,7 @@ impl Vmm {
             memory,
             vcpus_started: self.vcpus_started,
             first_serial_byte: first_byte.map(|at| at.duration_since(self.started)),
-            first_serial_byte_unix: first_byte.map(|at| unix_time_at(at)),
+            first_serial_byte_unix: first_byte.map(unix_time_at),
         }
     }
 }

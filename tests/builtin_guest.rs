@@ -41,7 +41,9 @@ fn greets_checks_in_every_vcpu_and_succeeds_on_1_and_4_vcpus() {
         assert!(report.success(), "{}: {serial}", report.describe_end());
         assert_eq!(report.exit_code(), 0);
         assert!(
-            serial.starts_with(&format!("vmkit built-in guest: {cpus} vCPUs, 128 MiB RAM\n")),
+            serial.starts_with(&format!(
+                "vmkit built-in guest: {cpus} vCPUs, 128 MiB RAM\n"
+            )),
             "{serial}"
         );
         for cpu in 0..cpus {
@@ -80,7 +82,10 @@ fn serial_bytes_and_port_exits_agree() {
     assert!(serial_bytes > 500);
     // Every byte is one `out` to the UART; the exit port adds one more.
     let io_out = report.stats[0].exits.get(ExitKind::IoOut);
-    assert!(io_out > serial_bytes, "{io_out} port writes for {serial_bytes} bytes");
+    assert!(
+        io_out > serial_bytes,
+        "{io_out} port writes for {serial_bytes} bytes"
+    );
     assert!(report.stats[0].exit_handling_time > Duration::ZERO);
     assert!(report.stats[0].kvm_run_time > Duration::ZERO);
 }
@@ -147,7 +152,11 @@ fn pause_resume_and_stop_a_spinning_guest() {
     control.pause();
     let frozen = (counter(0), counter(1));
     std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(frozen, (counter(0), counter(1)), "the guest ran while paused");
+    assert_eq!(
+        frozen,
+        (counter(0), counter(1)),
+        "the guest ran while paused"
+    );
     control.resume();
     wait_until("the guest to resume", &|| {
         counter(0) > frozen.0 && counter(1) > frozen.1

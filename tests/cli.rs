@@ -77,7 +77,10 @@ fn bad_input_is_a_clear_error_with_a_non_zero_exit_and_no_panic() {
         (&["--memory", "1000T"], "exceeds"),
         (&["--cpus", "0"], "at least one vCPU"),
         (&["--cpus", "100000"], "vCPUs requested"),
-        (&["--program", "/nonexistent/kernel"], "cannot read program /nonexistent/kernel"),
+        (
+            &["--program", "/nonexistent/kernel"],
+            "cannot read program /nonexistent/kernel",
+        ),
         (&["--bogus"], "unknown option '--bogus'"),
         (&["--memory", "1M"], "outside guest RAM"),
     ];
