@@ -9,8 +9,22 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
-    echo "test.sh: /dev/kvm is not usable here: tests that need KVM will print SKIPPED" >&2
+    echo "test.sh: /dev/kvm is not usable here: tests that need KVM print SKIPPED and pass" >&2
 fi
 
 # The built-in guest is built by the root package's build script; nothing else is needed yet.
-cargo test --workspace "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace "$@" 2>&1 | tee "$log" || status=$?
+
+# One closing line for the whole run: the sum of every test binary's result line.
+awk '/^test result:/ {
+        for (i = 1; i <= NF; i++) {
+            if ($(i + 1) ~ /^passed/) passed += $i
+            if ($(i + 1) ~ /^failed/) failed += $i
+            if ($(i + 1) ~ /^ignored/) ignored += $i
+        }
+     }
+     END { printf "vmkit: %d passed, %d failed, %d skipped\n", passed, failed, ignored }' "$log"
+exit "$status"

@@ -232,13 +232,23 @@ fn a_computing_guest_accrues_guest_time() {
         return;
     }
     let vm = start_flat(1, &spin_counting());
-    std::thread::sleep(Duration::from_millis(1500));
-    let live = vm.running.control().stats();
+    let control = vm.running.control();
+    // Guest time is CPU time the host accounts in clock ticks; poll rather than sleep a fixed
+    // time, so a loaded machine (other tests' vCPUs) only makes this slower, not flaky.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let live = loop {
+        let live = control.stats()[0];
+        if live.guest_time >= Duration::from_millis(300) {
+            break live;
+        }
+        assert!(Instant::now() < deadline, "no guest time accrued: {live:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let outcome = vm.running.stop();
     let stats = &outcome.stats[0];
-    assert!(live[0].guest_time > Duration::ZERO, "{live:?}");
-    assert!(stats.guest_time >= Duration::from_millis(500), "{stats:?}");
-    assert!(stats.guest_time >= live[0].guest_time);
+    assert!(stats.guest_time >= live.guest_time, "{stats:?}");
+    // Time inside KVM_RUN covers the guest time.
+    assert!(stats.kvm_run_time >= stats.guest_time / 2, "{stats:?}");
 }
 
 #[test]
