@@ -172,6 +172,12 @@ pub enum VcpuError {
         /// Registers at the exit.
         state: VcpuSnapshot,
     },
+    /// The vCPU thread panicked (in a device handler); the VM was stopped.
+    #[error("vCPU {index}: its thread panicked")]
+    Panicked {
+        /// vCPU index.
+        index: usize,
+    },
     /// `KVM_RUN` itself failed.
     #[error("vCPU {index}: KVM_RUN failed: {errno}")]
     Run {

@@ -304,14 +304,8 @@ impl RunningVm {
     /// Waits until every vCPU thread has ended and reports why the VM ended.
     pub fn wait(self) -> VmOutcome {
         for handle in self.handles {
-            if handle.join().is_err() {
-                // A panic in a device handler: record it as an error rather than propagating it.
-                lock(&self.control.shared.end).get_or_insert(VmEnd::Error(VcpuError::Run {
-                    index: usize::MAX,
-                    errno: "a vCPU thread panicked".into(),
-                }));
-                self.control.shared.request_stop(VmEnd::Stopped);
-            }
+            // A panicking vCPU thread has already reported itself (see `ThreadExit`).
+            let _ = handle.join();
         }
         let end = lock(&self.control.shared.end)
             .clone()
@@ -378,15 +372,44 @@ enum Ending {
     RunFailed(String),
 }
 
+/// Runs when a vCPU thread ends, normally or by a panic in a device handler: the kick handler
+/// forgets the kvm_run page before it is unmapped, and the VM learns the thread is gone (so a
+/// pause does not wait for it and a kick never targets it).
+struct ThreadExit<'a> {
+    shared: &'a Shared,
+    position: usize,
+    index: usize,
+    halted: bool,
+}
+
+impl Drop for ThreadExit<'_> {
+    fn drop(&mut self) {
+        KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
+        self.shared.counters[self.position].finish();
+        if std::thread::panicking() {
+            self.shared
+                .request_stop(VmEnd::Error(VcpuError::Panicked { index: self.index }));
+        }
+        self.shared.thread_finished(self.position, self.halted);
+    }
+}
+
 fn vcpu_thread(position: usize, mut vcpu: Vcpu, buses: &IoBuses, shared: &Shared) {
     // Wait until the spawner has registered every thread for kicks.
     drop(lock(&shared.threads));
     let counters = &shared.counters[position];
     counters.set_thread_id(current_thread_id());
+    // Declared after `vcpu`, so it runs before the vCPU's kvm_run mapping is dropped.
+    let mut exit = ThreadExit {
+        shared,
+        position,
+        index: vcpu.index,
+        halted: false,
+    };
     KVM_RUN.with(|run| run.set(vcpu.fd.get_kvm_run()));
     unblock_kick_signal();
 
-    let halted = loop {
+    exit.halted = loop {
         match shared.state() {
             RunState::Running => {}
             RunState::Paused => {
@@ -422,11 +445,6 @@ fn vcpu_thread(position: usize, mut vcpu: Vcpu, buses: &IoBuses, shared: &Shared
             }
         }
     };
-
-    // The kvm_run mapping goes away with the VcpuFd: the signal handler must not see it after.
-    KVM_RUN.with(|run| run.set(std::ptr::null_mut()));
-    counters.finish();
-    shared.thread_finished(position, halted);
 }
 
 fn unblock_kick_signal() {

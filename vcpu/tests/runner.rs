@@ -363,3 +363,58 @@ fn vm_creation_refuses_zero_and_too_many_vcpus() {
 fn assert_error_types_are_sendable(error: VcpuError) -> Box<dyn std::error::Error + Send + Sync> {
     Box::new(error)
 }
+
+struct PanickingDevice;
+
+impl BusDevice for PanickingDevice {
+    fn read(&self, _offset: u64, _data: &mut [u8]) {}
+    fn write(&self, _offset: u64, _data: &[u8]) {
+        panic!("device bug (expected by this test)");
+    }
+}
+
+#[test]
+fn a_panicking_device_ends_the_vm_with_an_error_and_stops_the_other_vcpus() {
+    if !kvm_available() {
+        return;
+    }
+    let ram = GuestRam::new(&MemoryConfig::new(64 << 20)).unwrap();
+    let vm = vmkit_vcpu::Vm::new(2).unwrap();
+    let _slots = vm.register_memory(&ram, false).unwrap();
+    // vCPU 1 writes to the panicking device; vCPU 0 spins.
+    let mut code = vec![0x48, 0x85, 0xf6, 0x74, 0x05]; // test rsi, rsi; jz spin
+    code.extend(mov_dx(0x90));
+    code.push(OUT_DX_EAX);
+    code.extend(JMP_SELF); // spin
+    ram.memory()
+        .write_slice(&code, GuestAddress(PROGRAM))
+        .unwrap();
+    let layout = FlatBoot {
+        entry: PROGRAM,
+        image_end: PROGRAM + code.len() as u64,
+        cpu_count: 2,
+        ram: ram.ranges().iter().map(|r| (r.start.0, r.size)).collect(),
+        devices: vec![],
+        args: vec![],
+    }
+    .write(ram.memory())
+    .unwrap();
+    let vcpus = vm.create_vcpus().unwrap();
+    for vcpu in &vcpus {
+        layout
+            .entry_state(vcpu.index as u32)
+            .apply(&vcpu.fd)
+            .unwrap();
+    }
+    let buses = IoBuses::new();
+    buses
+        .pio
+        .insert(0x90, 1, Arc::new(PanickingDevice))
+        .unwrap();
+    let running = RunningVm::start(vcpus, Arc::new(buses)).unwrap();
+    let control = running.control();
+    let outcome = running.wait();
+    assert_eq!(outcome.end, VmEnd::Error(VcpuError::Panicked { index: 1 }));
+    // Pausing an ended VM returns at once.
+    control.pause();
+}
