@@ -172,7 +172,8 @@ pub struct VmControl {
 
 impl VmControl {
     /// Pauses every vCPU and returns once all of them are out of the guest and parked (or have
-    /// ended). Does nothing if the VM is stopping.
+    /// ended). Does nothing if the VM is stopping. Call it from a thread other than the vCPU
+    /// threads: a device handler that paused would wait for its own vCPU to park.
     pub fn pause(&self) {
         {
             let _park = lock(&self.shared.park);
