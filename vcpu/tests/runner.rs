@@ -55,8 +55,14 @@ struct TestVm {
     running: RunningVm,
 }
 
-/// Starts `cpus` vCPUs on `code` as a flat program at CPL3.
+/// Starts `cpus` vCPUs on `code` as a flat program at CPL3, with the report and exit ports.
 fn start_flat(cpus: usize, code: &[u8]) -> TestVm {
+    let (ram, vcpus) = flat_vcpus(cpus, code);
+    start(ram, vcpus)
+}
+
+/// Guest RAM holding `code` and `cpus` vCPUs ready to enter it as a flat program at CPL3.
+fn flat_vcpus(cpus: usize, code: &[u8]) -> (GuestRam, Vec<vmkit_vcpu::Vcpu>) {
     let ram = GuestRam::new(&MemoryConfig::new(64 << 20)).unwrap();
     let vm = vmkit_vcpu::Vm::new(cpus).unwrap();
     let _slots = vm.register_memory(&ram, false).unwrap();
@@ -80,7 +86,7 @@ fn start_flat(cpus: usize, code: &[u8]) -> TestVm {
             .apply(&vcpu.fd)
             .unwrap();
     }
-    start(ram, vcpus)
+    (ram, vcpus)
 }
 
 fn start(ram: GuestRam, vcpus: Vec<vmkit_vcpu::Vcpu>) -> TestVm {
@@ -378,34 +384,12 @@ fn a_panicking_device_ends_the_vm_with_an_error_and_stops_the_other_vcpus() {
     if !kvm_available() {
         return;
     }
-    let ram = GuestRam::new(&MemoryConfig::new(64 << 20)).unwrap();
-    let vm = vmkit_vcpu::Vm::new(2).unwrap();
-    let _slots = vm.register_memory(&ram, false).unwrap();
     // vCPU 1 writes to the panicking device; vCPU 0 spins.
     let mut code = vec![0x48, 0x85, 0xf6, 0x74, 0x05]; // test rsi, rsi; jz spin
     code.extend(mov_dx(0x90));
     code.push(OUT_DX_EAX);
     code.extend(JMP_SELF); // spin
-    ram.memory()
-        .write_slice(&code, GuestAddress(PROGRAM))
-        .unwrap();
-    let layout = FlatBoot {
-        entry: PROGRAM,
-        image_end: PROGRAM + code.len() as u64,
-        cpu_count: 2,
-        ram: ram.ranges().iter().map(|r| (r.start.0, r.size)).collect(),
-        devices: vec![],
-        args: vec![],
-    }
-    .write(ram.memory())
-    .unwrap();
-    let vcpus = vm.create_vcpus().unwrap();
-    for vcpu in &vcpus {
-        layout
-            .entry_state(vcpu.index as u32)
-            .apply(&vcpu.fd)
-            .unwrap();
-    }
+    let (_ram, vcpus) = flat_vcpus(2, &code);
     let buses = IoBuses::new();
     buses
         .pio
