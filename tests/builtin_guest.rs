@@ -1,19 +1,14 @@
 //! The example VMM running the built-in guest on the real /dev/kvm.
 
+mod common;
+use common::kvm_available;
+
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 use vmkit::{VmConfig, Vmm};
 use vmkit_guest_abi::BOOT_INFO_ADDRESS;
 use vmkit_vcpu::{ExitKind, VmEnd};
-
-fn kvm_available() -> bool {
-    let ok = kvm_ioctls::Kvm::new().is_ok();
-    if !ok {
-        eprintln!("SKIPPED: /dev/kvm is not available on this host");
-    }
-    ok
-}
 
 fn config(cpus: usize, args: &str) -> VmConfig {
     VmConfig {

@@ -1,5 +1,8 @@
 //! The example VM's command line, run as a process: exit codes and error messages.
 
+mod common;
+use common::kvm_available;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -17,14 +20,6 @@ fn vm(args: &[&str]) -> Output {
     let binary = vm_binary();
     assert!(binary.exists(), "{} not built", binary.display());
     Command::new(binary).args(args).output().expect("vm runs")
-}
-
-fn kvm_available() -> bool {
-    let ok = kvm_ioctls::Kvm::new().is_ok();
-    if !ok {
-        eprintln!("SKIPPED: /dev/kvm is not available on this host");
-    }
-    ok
 }
 
 #[test]
