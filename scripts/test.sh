@@ -12,7 +12,18 @@ if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
     echo "test.sh: /dev/kvm is not usable here: tests that need KVM print SKIPPED and pass" >&2
 fi
 
-# The built-in guest is built by the root package's build script; nothing else is needed yet.
+# QEMU's tools are the reference the block-backend tests compare against (open flags, image
+# locks). Install them where we can; elsewhere those tests print SKIPPED.
+if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-io >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "test.sh: installing qemu-utils" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-utils >/dev/null
+    else
+        echo "test.sh: qemu-utils is missing and cannot be installed here: QEMU interop tests print SKIPPED" >&2
+    fi
+fi
+
+# The built-in guest is built by the root package's build script.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
