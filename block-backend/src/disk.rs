@@ -71,6 +71,8 @@ impl DiskInfo {
 pub struct DiskStats {
     /// `fdatasync` calls that reached the host (flushes and durable-write fallbacks).
     pub fdatasyncs: u64,
+    /// Flushes with nothing to do: nothing written since the last sync, or no write cache.
+    pub clean_flushes: u64,
     /// Flushes ignored because of the cache mode (`unsafe`).
     pub ignored_flushes: u64,
     /// Writes made durable at completion (`RWF_DSYNC`), because the write cache is off.

@@ -125,7 +125,7 @@ pub struct OpenOptions {
     pub discard: bool,
     /// Take QEMU-compatible image locks (QEMU's `file.locking`).
     pub locking: bool,
-    /// Requests an [`AsyncDisk`] keeps in flight at most.
+    /// Requests an [`AsyncDisk`] keeps in flight at most (io_uring takes at most 4096).
     pub max_in_flight: usize,
     /// Worker threads of the sync engine at most.
     pub threads: usize,
@@ -227,7 +227,7 @@ pub fn open(path: &Path, options: &OpenOptions) -> Result<Box<dyn AsyncDisk>> {
         Format::Qcow2 => return Err(Error::UnsupportedFormat(Format::Qcow2.name().to_string())),
     };
     if options.engine == EngineKind::IoUring {
-        match UringEngine::new(raw.clone(), options.max_in_flight) {
+        match UringEngine::new(raw.clone(), options.max_in_flight, options.threads) {
             Ok(engine) => return Ok(Box::new(engine)),
             Err(e) => log::warn!(
                 "{}: io_uring is unavailable ({e}); using the sync engine",

@@ -64,6 +64,7 @@ impl Default for RawOptions {
 #[derive(Default)]
 struct Counters {
     fdatasyncs: AtomicU64,
+    clean_flushes: AtomicU64,
     ignored_flushes: AtomicU64,
     durable_writes: AtomicU64,
     bounced_requests: AtomicU64,
@@ -84,6 +85,11 @@ pub struct RawDisk {
     nowait_works: AtomicBool,
     /// Cleared when the host cannot do `FALLOC_FL_ZERO_RANGE` on this image.
     zero_range_works: AtomicBool,
+    /// Bumped when a write, discard or write-zeroes completes.
+    write_generation: AtomicU64,
+    /// The write generation the last successful `fdatasync` covered: a flush with nothing
+    /// written since has nothing to do (QEMU skips it too).
+    synced_generation: AtomicU64,
     /// Serialises read-modify-write cycles of unaligned `O_DIRECT` writes.
     read_modify_write: Mutex<()>,
     counters: Counters,
@@ -234,6 +240,8 @@ impl RawDisk {
             dsync_flag_works: AtomicBool::new(true),
             nowait_works: AtomicBool::new(true),
             zero_range_works: AtomicBool::new(true),
+            write_generation: AtomicU64::new(0),
+            synced_generation: AtomicU64::new(0),
             read_modify_write: Mutex::new(()),
             counters: Counters::default(),
         })
@@ -271,9 +279,29 @@ impl RawDisk {
         self.counters.durable_writes.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Records an `fdatasync` an engine issued itself.
-    pub fn record_fdatasync(&self) {
+    /// Records a write, discard or write-zeroes that an engine completed itself, so the
+    /// next flush knows it has work.
+    pub fn record_write(&self) {
+        self.write_generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The current write generation, to pass to [`record_sync`](Self::record_sync) when an
+    /// engine's own `fdatasync` that started now completes.
+    pub fn write_generation(&self) -> u64 {
+        self.write_generation.load(Ordering::SeqCst)
+    }
+
+    /// Records an `fdatasync` an engine issued itself, started at write generation
+    /// `generation`.
+    pub fn record_sync(&self, generation: u64) {
         self.counters.fdatasyncs.fetch_add(1, Ordering::Relaxed);
+        self.synced_generation
+            .fetch_max(generation, Ordering::SeqCst);
+    }
+
+    /// Records a flush that had nothing to do.
+    pub fn record_clean_flush(&self) {
+        self.counters.clean_flushes.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records a flush ignored because of the cache mode.
@@ -283,9 +311,17 @@ impl RawDisk {
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    /// What a flush has to do now: `true` when it must reach `fdatasync`.
+    /// Whether a flush must reach `fdatasync` now: the cache mode honours flushes, the
+    /// write cache is on, and something was written since the last sync.
     pub fn flush_needs_sync(&self) -> bool {
-        !self.cache.ignores_flush() && self.write_cache.load(Ordering::Relaxed)
+        self.write_cache.load(Ordering::Relaxed) && self.has_unsynced_writes()
+    }
+
+    /// Whether something was written since the last sync, in a mode that honours flushes.
+    fn has_unsynced_writes(&self) -> bool {
+        !self.cache.ignores_flush()
+            && self.write_generation.load(Ordering::SeqCst)
+                != self.synced_generation.load(Ordering::SeqCst)
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -310,11 +346,13 @@ impl RawDisk {
     }
 
     fn fdatasync(&self) -> Result<()> {
-        self.counters.fdatasyncs.fetch_add(1, Ordering::Relaxed);
+        let generation = self.write_generation();
         // SAFETY: fdatasync on an fd we own.
         if unsafe { libc::fdatasync(self.file.as_raw_fd()) } < 0 {
+            self.counters.fdatasyncs.fetch_add(1, Ordering::Relaxed);
             return Err(Error::Io(io::Error::last_os_error()));
         }
+        self.record_sync(generation);
         Ok(())
     }
 
@@ -393,6 +431,7 @@ impl RawDisk {
             done += ret as usize;
             adjusted = advance(iovecs, done);
         }
+        self.record_write();
         if !self.write_cache.load(Ordering::Relaxed) {
             self.counters.durable_writes.fetch_add(1, Ordering::Relaxed);
             if flags & libc::RWF_DSYNC == 0 {
@@ -511,6 +550,7 @@ impl RawDisk {
 
     /// After a discard or write-zeroes: with the write cache off it must be durable too.
     fn sync_if_write_through(&self) -> Result<()> {
+        self.record_write();
         if !self.write_cache.load(Ordering::Relaxed) {
             self.fdatasync()?;
         }
@@ -556,7 +596,7 @@ impl SyncDisk for RawDisk {
 
     fn set_write_cache(&self, enabled: bool) -> Result<()> {
         let was = self.write_cache.swap(enabled, Ordering::SeqCst);
-        if was && !enabled && !self.info.read_only && !self.cache.ignores_flush() {
+        if was && !enabled && self.has_unsynced_writes() {
             // What was written into the cache must be durable before the guest is told
             // that writes now are.
             self.fdatasync()?;
@@ -592,8 +632,10 @@ impl SyncDisk for RawDisk {
             self.record_ignored_flush();
             return Ok(());
         }
-        if !self.write_cache.load(Ordering::Relaxed) || self.info.read_only {
-            // Every write was durable at its completion: nothing is left to flush.
+        if !self.flush_needs_sync() {
+            // Nothing written since the last sync, or every write was durable at its
+            // completion: nothing is left to flush.
+            self.record_clean_flush();
             return Ok(());
         }
         self.fdatasync()
@@ -675,6 +717,7 @@ impl SyncDisk for RawDisk {
         let c = &self.counters;
         DiskStats {
             fdatasyncs: c.fdatasyncs.load(Ordering::Relaxed),
+            clean_flushes: c.clean_flushes.load(Ordering::Relaxed),
             ignored_flushes: c.ignored_flushes.load(Ordering::Relaxed),
             durable_writes: c.durable_writes.load(Ordering::Relaxed),
             bounced_requests: c.bounced_requests.load(Ordering::Relaxed),

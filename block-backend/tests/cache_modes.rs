@@ -171,6 +171,7 @@ fn the_write_cache_switches_at_run_time() {
 fn sync_disk_flush_follows_the_mode() {
     let dir = scratch_dir();
     let path = patterned_image(&dir, "sync-flush.img", 1 << 20);
+    // (mode, fdatasyncs, ignored flushes) for a write followed by a flush
     let expected = [
         (CacheMode::Writeback, 1, 0),
         (CacheMode::Writethrough, 0, 0),
@@ -180,6 +181,11 @@ fn sync_disk_flush_follows_the_mode() {
     ];
     for (mode, fdatasyncs, ignored) in expected {
         let disk = raw(&path, mode, false);
+        let mut data = vmkit_block_backend::AlignedBuffer::new(4096, 4096);
+        let bufs = [vmkit_block_backend::IoBuf::from_mut_slice(
+            data.as_mut_slice(),
+        )];
+        disk.write_vectored(0, &bufs).unwrap();
         disk.flush().unwrap();
         let stats = disk.stats();
         assert_eq!(
@@ -187,5 +193,24 @@ fn sync_disk_flush_follows_the_mode() {
             (fdatasyncs, ignored),
             "{mode}"
         );
+    }
+}
+
+#[test]
+fn flushes_with_nothing_written_since_the_last_are_skipped() {
+    let dir = scratch_dir();
+    for engine in ENGINES {
+        let path = patterned_image(&dir, &format!("clean-{engine}.img"), 1 << 20);
+        let mut disk = open(&path, &OpenOptions::new().engine(engine)).unwrap();
+        run_one(disk.as_mut(), Request::Flush).unwrap();
+        write(disk.as_mut(), 0, &pattern(0, 4096, 1));
+        run_one(disk.as_mut(), Request::Flush).unwrap();
+        run_one(disk.as_mut(), Request::Flush).unwrap();
+        let stats = disk.sync_disk().stats();
+        assert_eq!((stats.fdatasyncs, stats.clean_flushes), (1, 2), "{engine}");
+        // A write after the sync makes the next flush real again.
+        write(disk.as_mut(), 8192, &pattern(8192, 4096, 1));
+        run_one(disk.as_mut(), Request::Flush).unwrap();
+        assert_eq!(disk.sync_disk().stats().fdatasyncs, 2, "{engine}");
     }
 }
