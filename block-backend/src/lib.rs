@@ -127,7 +127,8 @@ pub struct OpenOptions {
     pub locking: bool,
     /// Requests an [`AsyncDisk`] keeps in flight at most (io_uring takes at most 4096).
     pub max_in_flight: usize,
-    /// Worker threads of the sync engine at most.
+    /// Worker threads of the sync engine at most. (The io_uring engine keeps a few of its
+    /// own for the requests it does not put in the ring.)
     pub threads: usize,
 }
 
@@ -227,7 +228,7 @@ pub fn open(path: &Path, options: &OpenOptions) -> Result<Box<dyn AsyncDisk>> {
         Format::Qcow2 => return Err(Error::UnsupportedFormat(Format::Qcow2.name().to_string())),
     };
     if options.engine == EngineKind::IoUring {
-        match UringEngine::new(raw.clone(), options.max_in_flight, options.threads) {
+        match UringEngine::new(raw.clone(), options.max_in_flight) {
             Ok(engine) => return Ok(Box::new(engine)),
             Err(e) => log::warn!(
                 "{}: io_uring is unavailable ({e}); using the sync engine",
