@@ -14,6 +14,22 @@ pub const SECTOR_SIZE: u64 = 512;
 /// The most buffers one request may carry (the kernel's `IOV_MAX`).
 pub const MAX_BUFFERS: usize = 1024;
 
+/// The total length of a request's buffers, checking their count against [`MAX_BUFFERS`]
+/// and the sum against overflow.
+pub(crate) fn request_len(bufs: &[IoBuf<'_>]) -> Result<u64> {
+    if bufs.len() > MAX_BUFFERS {
+        return Err(Error::TooManyBuffers {
+            count: bufs.len(),
+            max: MAX_BUFFERS,
+        });
+    }
+    IoBuf::total_len(bufs).ok_or(Error::OutOfRange {
+        offset: 0,
+        len: u64::MAX,
+        size: 0,
+    })
+}
+
 /// What a disk is and what its requests must respect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DiskInfo {

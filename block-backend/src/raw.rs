@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::cache::CacheMode;
-use crate::disk::{DiskInfo, DiskStats, SyncDisk, MAX_BUFFERS, SECTOR_SIZE};
+use crate::disk::{request_len, DiskInfo, DiskStats, SyncDisk, SECTOR_SIZE};
 use crate::error::{Error, Result};
 use crate::iobuf::{copy_from_iovecs, copy_into_iovecs, zero_iovecs, AlignedBuffer, IoBuf};
 use crate::lock::{lock_image, LockError};
@@ -331,20 +331,6 @@ impl RawDisk {
         Ok(())
     }
 
-    fn check_buffers(bufs: &[IoBuf<'_>]) -> Result<u64> {
-        if bufs.len() > MAX_BUFFERS {
-            return Err(Error::TooManyBuffers {
-                count: bufs.len(),
-                max: MAX_BUFFERS,
-            });
-        }
-        IoBuf::total_len(bufs).ok_or(Error::OutOfRange {
-            offset: 0,
-            len: u64::MAX,
-            size: 0,
-        })
-    }
-
     fn fdatasync(&self) -> Result<()> {
         let generation = self.write_generation();
         // SAFETY: fdatasync on an fd we own.
@@ -605,7 +591,7 @@ impl SyncDisk for RawDisk {
     }
 
     fn read_vectored(&self, offset: u64, bufs: &[IoBuf<'_>]) -> Result<usize> {
-        let len = Self::check_buffers(bufs)?;
+        let len = request_len(bufs)?;
         self.info.check_range(offset, len)?;
         let iovecs = IoBuf::as_iovecs(bufs);
         if self.info.is_aligned(offset, iovecs) {
@@ -617,7 +603,7 @@ impl SyncDisk for RawDisk {
 
     fn write_vectored(&self, offset: u64, bufs: &[IoBuf<'_>]) -> Result<usize> {
         self.check_writable()?;
-        let len = Self::check_buffers(bufs)?;
+        let len = request_len(bufs)?;
         self.info.check_range(offset, len)?;
         let iovecs = IoBuf::as_iovecs(bufs);
         if self.info.is_aligned(offset, iovecs) {
@@ -729,7 +715,7 @@ impl SyncDisk for RawDisk {
         if self.cache.direct() || !self.nowait_works.load(Ordering::Relaxed) {
             return None;
         }
-        let len = match Self::check_buffers(bufs).and_then(|len| {
+        let len = match request_len(bufs).and_then(|len| {
             self.info.check_range(offset, len)?;
             Ok(len)
         }) {

@@ -4,15 +4,15 @@
 pub mod pool;
 pub mod uring;
 
-use crate::disk::{DiskInfo, Request, MAX_BUFFERS};
+use crate::disk::{request_len, DiskInfo, Request};
 use crate::error::{Error, Result};
 use crate::iobuf::IoBuf;
 
 /// Checks a request against the disk before it is queued, so bad requests fail at push.
 pub(crate) fn check_request(info: &DiskInfo, request: &Request<'_>) -> Result<()> {
     let (offset, len, writes) = match *request {
-        Request::Read { offset, bufs } => (offset, buffers_len(bufs)?, false),
-        Request::Write { offset, bufs } => (offset, buffers_len(bufs)?, true),
+        Request::Read { offset, bufs } => (offset, request_len(bufs)?, false),
+        Request::Write { offset, bufs } => (offset, request_len(bufs)?, true),
         Request::Flush => return Ok(()),
         Request::Discard { offset, len } => {
             if !info.discard && !info.read_only {
@@ -26,20 +26,6 @@ pub(crate) fn check_request(info: &DiskInfo, request: &Request<'_>) -> Result<()
         return Err(Error::ReadOnly);
     }
     info.check_range(offset, len)
-}
-
-fn buffers_len(bufs: &[IoBuf<'_>]) -> Result<u64> {
-    if bufs.len() > MAX_BUFFERS {
-        return Err(Error::TooManyBuffers {
-            count: bufs.len(),
-            max: MAX_BUFFERS,
-        });
-    }
-    IoBuf::total_len(bufs).ok_or(Error::OutOfRange {
-        offset: 0,
-        len: u64::MAX,
-        size: 0,
-    })
 }
 
 /// The buffers of a queued request, kept inline for the common short lists so queuing does
