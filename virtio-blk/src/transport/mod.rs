@@ -1,0 +1,3 @@
+//! Transports: how a driver reaches the device's registers.
+
+pub mod mmio;

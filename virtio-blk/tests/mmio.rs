@@ -1,0 +1,321 @@
+//! The device through its virtio-mmio registers, with its I/O threads.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use vmkit_virtio_blk::device::status;
+use vmkit_virtio_blk::transport::mmio::{reg, MAGIC_VALUE};
+use vmkit_virtio_blk::{BlockDevice, BlockOptions, CountingInterrupt, MmioTransport};
+
+const VERSION_1: u64 = 1 << 32;
+const EVENT_IDX: u64 = 1 << 29;
+const FLUSH: u64 = 1 << 9;
+const CONFIG_WCE: u64 = 1 << 11;
+
+fn r32(mmio: &MmioTransport<Mem>, offset: u64) -> u32 {
+    let mut data = [0u8; 4];
+    mmio.read(offset, &mut data);
+    u32::from_le_bytes(data)
+}
+
+fn w32(mmio: &MmioTransport<Mem>, offset: u64, value: u32) {
+    mmio.write(offset, &value.to_le_bytes());
+}
+
+fn device(
+    queues: usize,
+) -> (
+    MmioTransport<Mem>,
+    Arc<CountingInterrupt>,
+    Driver,
+    std::path::PathBuf,
+) {
+    let mem = memory();
+    let path = image(1 << 20, 0x5a);
+    let disks = (0..queues).map(|_| open(&path, false)).collect();
+    let interrupt = Arc::new(CountingInterrupt::new());
+    let options = BlockOptions {
+        serial: b"mmio".to_vec(),
+        queue_size: 64,
+    };
+    let device = BlockDevice::new(disks, mem.clone(), interrupt.clone(), options).unwrap();
+    (
+        MmioTransport::new(device),
+        interrupt,
+        Driver::new(mem, 64),
+        path,
+    )
+}
+
+fn negotiate(mmio: &MmioTransport<Mem>, features: u64) -> bool {
+    w32(mmio, reg::STATUS, status::ACKNOWLEDGE);
+    w32(mmio, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+    for page in 0..2 {
+        w32(mmio, reg::DRIVER_FEATURES_SEL, page);
+        w32(mmio, reg::DRIVER_FEATURES, (features >> (32 * page)) as u32);
+    }
+    w32(
+        mmio,
+        reg::STATUS,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+    );
+    r32(mmio, reg::STATUS) & status::FEATURES_OK != 0
+}
+
+fn setup_queue(mmio: &MmioTransport<Mem>, driver: &Driver, index: u32) {
+    w32(mmio, reg::QUEUE_SEL, index);
+    assert_eq!(r32(mmio, reg::QUEUE_NUM_MAX), 64);
+    w32(mmio, reg::QUEUE_NUM, u32::from(driver.size));
+    w32(mmio, reg::QUEUE_DESC_LOW, driver.desc as u32);
+    w32(mmio, reg::QUEUE_DESC_HIGH, 0);
+    w32(mmio, reg::QUEUE_DRIVER_LOW, driver.avail as u32);
+    w32(mmio, reg::QUEUE_DRIVER_HIGH, 0);
+    w32(mmio, reg::QUEUE_DEVICE_LOW, driver.used as u32);
+    w32(mmio, reg::QUEUE_DEVICE_HIGH, 0);
+    w32(mmio, reg::QUEUE_READY, 1);
+    assert_eq!(r32(mmio, reg::QUEUE_READY), 1);
+}
+
+const RUNNING: u32 = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+
+#[test]
+fn identification_registers_and_bad_accesses() {
+    let (mmio, _, _, _) = device(1);
+    assert_eq!(r32(&mmio, reg::MAGIC_VALUE), MAGIC_VALUE);
+    assert_eq!(r32(&mmio, reg::VERSION), 2);
+    assert_eq!(r32(&mmio, reg::DEVICE_ID), 2);
+    w32(&mmio, reg::DEVICE_FEATURES_SEL, 1);
+    assert_eq!(r32(&mmio, reg::DEVICE_FEATURES), 1, "VERSION_1 is bit 32");
+    // Wrong widths and unknown offsets read 0 and writes do nothing.
+    let mut two = [0xffu8; 2];
+    mmio.read(reg::MAGIC_VALUE, &mut two);
+    assert_eq!(two, [0, 0]);
+    mmio.write(reg::STATUS, &[1]);
+    assert_eq!(r32(&mmio, reg::STATUS), 0);
+    assert_eq!(r32(&mmio, 0x0f0), 0);
+    mmio.write(u64::MAX, &[1, 2, 3, 4]);
+    let mut big = [0xffu8; 8];
+    mmio.read(u64::MAX - 3, &mut big);
+    // An out-of-range queue selection is ignored.
+    negotiate(&mmio, VERSION_1);
+    w32(&mmio, reg::QUEUE_SEL, 7);
+    assert_eq!(r32(&mmio, reg::QUEUE_NUM_MAX), 0);
+    w32(&mmio, reg::QUEUE_NUM, 64);
+    w32(&mmio, reg::QUEUE_READY, 1);
+    assert_eq!(r32(&mmio, reg::QUEUE_READY), 0);
+    w32(&mmio, reg::QUEUE_NOTIFY, 0xffff_ffff);
+}
+
+#[test]
+fn feature_negotiation_refuses_unoffered_bits() {
+    let (mmio, _, _, _) = device(1);
+    assert!(
+        !negotiate(&mmio, VERSION_1 | (1 << 4)),
+        "GEOMETRY is not offered"
+    );
+    w32(&mmio, reg::STATUS, 0);
+    assert!(!negotiate(&mmio, FLUSH), "VERSION_1 is required");
+    w32(&mmio, reg::STATUS, 0);
+    assert!(negotiate(&mmio, VERSION_1 | FLUSH | EVENT_IDX));
+    // Feature writes after FEATURES_OK are ignored.
+    w32(&mmio, reg::DRIVER_FEATURES_SEL, 0);
+    w32(&mmio, reg::DRIVER_FEATURES, 0xffff_ffff);
+    assert_eq!(
+        mmio.with_device(|d| d.driver_features()),
+        VERSION_1 | FLUSH | EVENT_IDX
+    );
+    // Skipping steps or clearing bits is ignored.
+    w32(&mmio, reg::STATUS, 0);
+    w32(&mmio, reg::STATUS, status::DRIVER_OK);
+    assert_eq!(r32(&mmio, reg::STATUS), 0);
+}
+
+#[test]
+fn queue_sizes_that_are_not_powers_of_two_are_refused() {
+    let (mmio, _, _, _) = device(1);
+    assert!(negotiate(&mmio, VERSION_1));
+    w32(&mmio, reg::QUEUE_SEL, 0);
+    for size in [0, 3, 100, 128, 1 << 20] {
+        w32(&mmio, reg::QUEUE_NUM, size);
+        w32(&mmio, reg::QUEUE_READY, 1);
+        assert_eq!(r32(&mmio, reg::QUEUE_READY), 0, "size {size}");
+    }
+}
+
+#[test]
+fn config_space_and_write_cache_switch() {
+    let (mmio, interrupt, _, _) = device(2);
+    let mut capacity = [0u8; 8];
+    mmio.read(reg::CONFIG, &mut capacity);
+    assert_eq!(u64::from_le_bytes(capacity), 2048);
+    let mut num_queues = [0u8; 2];
+    mmio.read(reg::CONFIG + 34, &mut num_queues);
+    assert_eq!(u16::from_le_bytes(num_queues), 2);
+    let mut wce = [0u8; 1];
+    mmio.read(reg::CONFIG + 32, &mut wce);
+    assert_eq!(wce, [1], "writeback cache mode starts with a write cache");
+
+    mmio.write(reg::CONFIG + 32, &[0]);
+    mmio.read(reg::CONFIG + 32, &mut wce);
+    assert_eq!(wce, [0]);
+    assert_eq!(r32(&mmio, reg::CONFIG_GENERATION), 1);
+    mmio.write(reg::CONFIG + 32, &[1]);
+    mmio.read(reg::CONFIG + 32, &mut wce);
+    assert_eq!(wce, [1]);
+    // Writes elsewhere are ignored.
+    mmio.write(reg::CONFIG, &[0xff; 8]);
+    mmio.read(reg::CONFIG, &mut capacity);
+    assert_eq!(u64::from_le_bytes(capacity), 2048);
+    assert_eq!(interrupt.config_count(), 0);
+}
+
+#[test]
+fn write_cache_switch_reaches_the_backend() {
+    let mem = memory();
+    let path = image(1 << 20, 0);
+    let disk = open(&path, false);
+    let sync = disk.sync_disk().clone();
+    let device = BlockDevice::new(
+        vec![disk],
+        mem,
+        Arc::new(CountingInterrupt::new()),
+        BlockOptions::default(),
+    )
+    .unwrap();
+    let mmio = MmioTransport::new(device);
+    assert!(sync.write_cache());
+    mmio.write(reg::CONFIG + 32, &[0]);
+    assert!(!sync.write_cache());
+    mmio.write(reg::CONFIG + 28, &[0, 0, 0, 0, 1]);
+    assert!(sync.write_cache());
+    // A driver that does not negotiate FLUSH gets a write-through device.
+    assert!(negotiate(&mmio, VERSION_1 | CONFIG_WCE));
+    assert!(!sync.write_cache());
+    // Reset restores the configured cache mode.
+    w32(&mmio, reg::STATUS, 0);
+    assert!(sync.write_cache());
+}
+
+fn end_to_end(event_idx: bool) {
+    let (mmio, interrupt, mut driver, path) = device(1);
+    let features = VERSION_1 | FLUSH | if event_idx { EVENT_IDX } else { 0 };
+    assert!(negotiate(&mmio, features));
+    setup_queue(&mmio, &driver, 0);
+    w32(&mmio, reg::STATUS, RUNNING);
+    assert_eq!(r32(&mmio, reg::STATUS), RUNNING);
+    if event_idx {
+        driver.set_used_event(0);
+    }
+
+    let data = driver.alloc(4096);
+    driver.fill(data, 4096, 0xcd);
+    let (_, write) = driver.request(T_OUT, 16, &[(data, 4096, false)]);
+    let (_, flush) = driver.request(T_FLUSH, 0, &[]);
+    // Notify through the register (no ioeventfd registered here).
+    w32(&mmio, reg::QUEUE_NOTIFY, 0);
+    wait_for(|| driver.used_idx() == 2);
+    assert_eq!(driver.status(write), S_OK);
+    assert_eq!(driver.status(flush), S_OK);
+    wait_for(|| interrupt.used_count() >= 1);
+    assert_eq!(r32(&mmio, reg::INTERRUPT_STATUS) & 1, 1);
+    w32(&mmio, reg::INTERRUPT_ACK, 1);
+    assert_eq!(r32(&mmio, reg::INTERRUPT_STATUS), 0);
+    let file = std::fs::read(&path).unwrap();
+    assert!(file[8192..12288].iter().all(|&b| b == 0xcd));
+
+    let into = driver.alloc(4096);
+    let (head, read) = driver.request(T_IN, 16, &[(into, 4096, true)]);
+    // Notify through the ioeventfd the VMM would register.
+    let fds = mmio.ioeventfds().unwrap();
+    assert_eq!(fds.len(), 1);
+    fds[0].1.write(1).unwrap();
+    wait_for(|| driver.used_idx() == 3);
+    assert_eq!(driver.status(read), S_OK);
+    assert_eq!(driver.used_elem(2), (u32::from(head), 4097));
+    assert_eq!(driver.read(into, 4096), vec![0xcd; 4096]);
+
+    w32(&mmio, reg::STATUS, 0);
+    assert_eq!(r32(&mmio, reg::STATUS), 0);
+}
+
+#[test]
+fn end_to_end_without_event_idx() {
+    end_to_end(false);
+}
+
+#[test]
+fn end_to_end_with_event_idx() {
+    end_to_end(true);
+}
+
+#[test]
+fn multiqueue_and_restart_after_reset() {
+    use vm_memory::{Bytes, GuestAddress};
+    let (mmio, _, driver, _) = device(2);
+    let mem = driver.mem.clone();
+    for _round in 0..2 {
+        // Fresh rings each round, as a driver re-initialising after a reset would.
+        mem.write_slice(&[0u8; 0x70000], GuestAddress(DESC))
+            .unwrap();
+        let mut first = Driver::new(mem.clone(), 64);
+        let mut second = Driver::new(mem.clone(), 64);
+        second.desc = 0x40000;
+        second.avail = 0x50000;
+        second.used = 0x60000;
+        assert!(negotiate(&mmio, VERSION_1 | FLUSH));
+        setup_queue(&mmio, &first, 0);
+        setup_queue(&mmio, &second, 1);
+        w32(&mmio, reg::STATUS, RUNNING);
+        let (_, a) = first.request(T_FLUSH, 0, &[]);
+        let (_, b) = second.request(T_FLUSH, 0, &[]);
+        w32(&mmio, reg::QUEUE_NOTIFY, 0);
+        w32(&mmio, reg::QUEUE_NOTIFY, 1);
+        wait_for(|| first.used_idx() == 1 && second.used_idx() == 1);
+        assert_eq!(first.status(a), S_OK);
+        assert_eq!(second.status(b), S_OK);
+        w32(&mmio, reg::STATUS, 0);
+    }
+}
+
+#[test]
+fn reset_with_requests_in_flight_waits_for_them() {
+    let (mmio, _, mut driver, _) = device(1);
+    assert!(negotiate(&mmio, VERSION_1 | FLUSH));
+    setup_queue(&mmio, &driver, 0);
+    w32(&mmio, reg::STATUS, RUNNING);
+    for i in 0..20 {
+        let data = driver.alloc(65536);
+        driver.request(T_IN, i * 128, &[(data, 65536, true)]);
+    }
+    w32(&mmio, reg::QUEUE_NOTIFY, 0);
+    // Reset at once, while reads are in flight: it returns only when the disk is idle.
+    w32(&mmio, reg::STATUS, 0);
+    let used = driver.used_idx();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(driver.used_idx(), used, "nothing completes after the reset");
+    // The device restarts.
+    assert!(negotiate(&mmio, VERSION_1 | FLUSH));
+}
+
+#[test]
+fn unusable_queue_addresses_set_needs_reset() {
+    let (mmio, interrupt, driver, _) = device(1);
+    assert!(negotiate(&mmio, VERSION_1));
+    setup_queue(&mmio, &driver, 0);
+    w32(&mmio, reg::QUEUE_SEL, 0);
+    // The ready queue's addresses can no longer change, so break them via a fresh setup.
+    w32(&mmio, reg::STATUS, 0);
+    assert!(negotiate(&mmio, VERSION_1));
+    w32(&mmio, reg::QUEUE_NUM, 64);
+    w32(&mmio, reg::QUEUE_DESC_LOW, 0);
+    w32(&mmio, reg::QUEUE_DESC_HIGH, 0x8000_0000);
+    w32(&mmio, reg::QUEUE_READY, 1);
+    w32(&mmio, reg::STATUS, RUNNING);
+    assert_ne!(r32(&mmio, reg::STATUS) & status::NEEDS_RESET, 0);
+    assert_eq!(interrupt.config_count(), 1);
+    assert_eq!(r32(&mmio, reg::INTERRUPT_STATUS) & 2, 2);
+    w32(&mmio, reg::STATUS, 0);
+    assert_eq!(r32(&mmio, reg::STATUS), 0);
+}
