@@ -8,24 +8,7 @@ mod common;
 use std::os::unix::io::AsRawFd;
 
 use common::*;
-use vmkit_block_backend::{open, CacheMode, OpenOptions, RawDisk, RawOptions, Request, SyncDisk};
-
-const O_DIRECT: i32 = 0o40000;
-const O_DSYNC: i32 = 0o10000;
-/// Flags that decide caching and access; the rest (O_LARGEFILE, O_CLOEXEC) are housekeeping.
-const CACHE_FLAGS: i32 = O_DIRECT | O_DSYNC | libc::O_SYNC | libc::O_ACCMODE;
-
-fn raw(path: &std::path::Path, cache: CacheMode, read_only: bool) -> RawDisk {
-    RawDisk::open(
-        path,
-        RawOptions {
-            cache,
-            read_only,
-            ..RawOptions::default()
-        },
-    )
-    .unwrap()
-}
+use vmkit_block_backend::{open, CacheMode, OpenOptions, Request, SyncDisk};
 
 #[test]
 fn open_flags_are_qemus() {
@@ -33,7 +16,7 @@ fn open_flags_are_qemus() {
     let path = patterned_image(&dir, "flags.img", 1 << 20);
     for mode in CacheMode::ALL {
         for read_only in [false, true] {
-            let disk = raw(&path, mode, read_only);
+            let disk = open_raw(&path, mode, read_only).unwrap();
             let flags = fd_flags(disk.file().as_raw_fd());
             let access = if read_only {
                 libc::O_RDONLY
@@ -180,7 +163,7 @@ fn sync_disk_flush_follows_the_mode() {
         (CacheMode::Unsafe, 0, 1),
     ];
     for (mode, fdatasyncs, ignored) in expected {
-        let disk = raw(&path, mode, false);
+        let disk = open_raw(&path, mode, false).unwrap();
         let mut data = vmkit_block_backend::AlignedBuffer::new(4096, 4096);
         let bufs = [vmkit_block_backend::IoBuf::from_mut_slice(
             data.as_mut_slice(),

@@ -10,11 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use vmkit_block_backend::{CacheMode, Error, RawDisk, RawOptions};
-
-const O_DIRECT: i32 = 0o40000;
-const O_DSYNC: i32 = 0o10000;
-const CACHE_FLAGS: i32 = O_DIRECT | O_DSYNC | libc::O_SYNC | libc::O_ACCMODE;
+use vmkit_block_backend::{CacheMode, Error};
 
 /// Serialises this file's tests (see the module comment).
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -32,21 +28,6 @@ fn qemu_tools_installed() -> bool {
         );
     }
     found
-}
-
-fn raw(
-    path: &std::path::Path,
-    cache: CacheMode,
-    read_only: bool,
-) -> vmkit_block_backend::Result<RawDisk> {
-    RawDisk::open(
-        path,
-        RawOptions {
-            cache,
-            read_only,
-            ..RawOptions::default()
-        },
-    )
 }
 
 /// The flags QEMU opens the image with for a cache mode, read from its /proc fdinfo.
@@ -92,7 +73,7 @@ fn open_flags_match_a_running_qemu() {
     let path = patterned_image(&dir, "qemu-flags.img", 1 << 20);
     for mode in CacheMode::ALL {
         let qemu = qemu_open_flags(&path, mode).expect("qemu-io opened the image");
-        let ours = fd_flags(raw(&path, mode, false).unwrap().file().as_raw_fd());
+        let ours = fd_flags(open_raw(&path, mode, false).unwrap().file().as_raw_fd());
         assert_eq!(
             ours & CACHE_FLAGS,
             qemu & CACHE_FLAGS,
@@ -149,7 +130,7 @@ fn qemu_and_vmkit_refuse_each_others_second_writer() {
     let path = patterned_image(&dir, "shared.img", 1 << 20);
 
     // vmkit writes: QEMU's writer is refused with its own locking message.
-    let ours = raw(&path, CacheMode::Writeback, false).unwrap();
+    let ours = open_raw(&path, CacheMode::Writeback, false).unwrap();
     let qemu = Command::new("qemu-img")
         .args(["bench", "-w", "-f", "raw", "-c", "1"])
         .arg(&path)
@@ -162,7 +143,7 @@ fn qemu_and_vmkit_refuse_each_others_second_writer() {
 
     // QEMU writes: vmkit's writer and reader are refused, naming the permission.
     let mut qemu = start_qemu_writer(&path);
-    let err = raw(&path, CacheMode::Writeback, false).unwrap_err();
+    let err = open_raw(&path, CacheMode::Writeback, false).unwrap_err();
     assert!(
         matches!(
             err,
@@ -174,10 +155,10 @@ fn qemu_and_vmkit_refuse_each_others_second_writer() {
         "{err}"
     );
     assert!(err.to_string().contains("in use"), "{err}");
-    assert!(raw(&path, CacheMode::None, true).is_err());
+    assert!(open_raw(&path, CacheMode::None, true).is_err());
     let _ = qemu.kill();
     let _ = qemu.wait();
 
     // Once QEMU is gone, the image is free again.
-    raw(&path, CacheMode::Writeback, false).unwrap();
+    open_raw(&path, CacheMode::Writeback, false).unwrap();
 }

@@ -5,7 +5,9 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vmkit_block_backend::{AsyncDisk, CacheMode, Completion, EngineKind, IoBuf, Request};
+use vmkit_block_backend::{
+    AsyncDisk, CacheMode, Completion, EngineKind, IoBuf, RawDisk, RawOptions, Request,
+};
 use vmm_sys_util::tempdir::TempDir;
 
 /// Every engine.
@@ -179,4 +181,28 @@ pub fn every_mode_and_engine() -> impl Iterator<Item = (CacheMode, EngineKind)> 
     CacheMode::ALL
         .into_iter()
         .flat_map(|mode| ENGINES.into_iter().map(move |engine| (mode, engine)))
+}
+
+/// `O_DIRECT` on x86-64.
+pub const O_DIRECT: i32 = 0o40000;
+/// `O_DSYNC` on x86-64.
+pub const O_DSYNC: i32 = 0o10000;
+/// Open flags that decide caching and access; the rest (O_LARGEFILE, O_CLOEXEC) are
+/// housekeeping.
+pub const CACHE_FLAGS: i32 = O_DIRECT | O_DSYNC | libc::O_SYNC | libc::O_ACCMODE;
+
+/// Opens a raw image with a cache mode, locking on.
+pub fn open_raw(
+    path: &Path,
+    cache: CacheMode,
+    read_only: bool,
+) -> vmkit_block_backend::Result<RawDisk> {
+    RawDisk::open(
+        path,
+        RawOptions {
+            cache,
+            read_only,
+            ..RawOptions::default()
+        },
+    )
 }
