@@ -213,20 +213,42 @@ impl OpenOptions {
 
 /// Opens a disk for blocking I/O.
 pub fn open_sync(path: &Path, options: &OpenOptions) -> Result<Arc<dyn SyncDisk>> {
-    match options.format {
-        Format::Raw => Ok(Arc::new(RawDisk::open(path, options.raw_options())?)),
-        Format::Qcow2 => Err(Error::UnsupportedFormat(Format::Qcow2.name().to_string())),
-    }
+    Ok(open_raw(path, options)?)
 }
 
 /// Opens a disk for asynchronous I/O on the engine the options name. Where io_uring is
 /// unavailable, the sync engine runs instead and the reason is logged; [`AsyncDisk::engine`]
 /// tells which engine runs.
 pub fn open(path: &Path, options: &OpenOptions) -> Result<Box<dyn AsyncDisk>> {
-    let raw = match options.format {
-        Format::Raw => Arc::new(RawDisk::open(path, options.raw_options())?),
-        Format::Qcow2 => return Err(Error::UnsupportedFormat(Format::Qcow2.name().to_string())),
-    };
+    engine_for(&open_raw(path, options)?, path, options)
+}
+
+/// Opens a disk once and gives `count` asynchronous disks on it, one per device queue: each
+/// has its own engine (ring or pool) and its own requests in flight, while the open file, its
+/// image locks and its write-cache state are shared.
+pub fn open_queues(
+    path: &Path,
+    options: &OpenOptions,
+    count: usize,
+) -> Result<Vec<Box<dyn AsyncDisk>>> {
+    let raw = open_raw(path, options)?;
+    (0..count.max(1))
+        .map(|_| engine_for(&raw, path, options))
+        .collect()
+}
+
+fn open_raw(path: &Path, options: &OpenOptions) -> Result<Arc<RawDisk>> {
+    match options.format {
+        Format::Raw => Ok(Arc::new(RawDisk::open(path, options.raw_options())?)),
+        Format::Qcow2 => Err(Error::UnsupportedFormat(Format::Qcow2.name().to_string())),
+    }
+}
+
+fn engine_for(
+    raw: &Arc<RawDisk>,
+    path: &Path,
+    options: &OpenOptions,
+) -> Result<Box<dyn AsyncDisk>> {
     if options.engine == EngineKind::IoUring {
         match UringEngine::new(raw.clone(), options.max_in_flight) {
             Ok(engine) => return Ok(Box::new(engine)),
@@ -237,7 +259,7 @@ pub fn open(path: &Path, options: &OpenOptions) -> Result<Box<dyn AsyncDisk>> {
         }
     }
     Ok(Box::new(ThreadPoolEngine::new(
-        raw,
+        raw.clone(),
         options.threads,
         options.max_in_flight,
     )?))
