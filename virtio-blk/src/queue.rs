@@ -8,13 +8,13 @@
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestMemory, Permissions};
+use vm_memory::GuestMemory;
 use vmkit_block_backend::{AsyncDisk, Completion, Error as DiskError, Request};
 
 use crate::interrupt::InterruptSink;
 use crate::request::{
-    parse, Limits, Parsed, RequestKind, Slot, ID_BYTES, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
+    mark_guest_dirty, parse, write_guest, Limits, Parsed, RequestKind, Slot, ID_BYTES,
+    STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
 use crate::Error;
 
@@ -358,18 +358,13 @@ fn status_of(error: &DiskError) -> u8 {
 }
 
 fn write_status<M: GuestMemory>(mem: &M, slot: &Slot, status: u8) -> Result<(), Error> {
-    mem.write_obj(status, slot.status_addr)
-        .map_err(Error::GuestMemory)
+    write_guest(mem, status, slot.status_addr).map_err(Error::GuestMemory)
 }
 
 /// Marks the buffers a read filled as dirty: the disk wrote them behind the bitmap's back.
 fn mark_dirty<M: GuestMemory>(mem: &M, slot: &Slot) {
     for (addr, buf) in slot.guest_addrs.iter().zip(&slot.bufs) {
-        if let Ok(slices) = mem.get_slices(*addr, buf.len(), Permissions::Write) {
-            for slice in slices.flatten() {
-                slice.bitmap().mark_dirty(0, slice.len());
-            }
-        }
+        mark_guest_dirty(mem, *addr, buf.len());
     }
 }
 
