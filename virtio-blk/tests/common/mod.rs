@@ -91,6 +91,21 @@ impl Driver {
         }
     }
 
+    /// A driver whose rings and buffers live in their own 1 MiB at `base`, so that several
+    /// drivers (one per queue) can share guest memory.
+    pub fn at(mem: Arc<Mem>, size: u16, base: u64) -> Self {
+        Driver {
+            mem,
+            size,
+            desc: base,
+            avail: base + 0x1000,
+            used: base + 0x2000,
+            next_desc: 0,
+            avail_idx: 0,
+            next_data: base + 0x4000,
+        }
+    }
+
     pub fn queue(&self, event_idx: bool) -> Queue {
         let mut queue = Queue::new(self.size).unwrap();
         queue.set_size(self.size);
