@@ -468,3 +468,106 @@ fn silence_and_notification_floods_neither_hang_nor_repeat() {
     w32(&mmio, reg::STATUS, 0);
     assert!(started.elapsed() < std::time::Duration::from_secs(2));
 }
+
+/// A disk whose reads wait before doing the I/O, so that they are surely in flight when
+/// the test wants them to be.
+struct SlowDisk {
+    inner: Arc<dyn vmkit_block_backend::SyncDisk>,
+    started: std::sync::atomic::AtomicUsize,
+}
+
+impl vmkit_block_backend::SyncDisk for SlowDisk {
+    fn info(&self) -> vmkit_block_backend::DiskInfo {
+        self.inner.info()
+    }
+    fn cache_mode(&self) -> vmkit_block_backend::CacheMode {
+        self.inner.cache_mode()
+    }
+    fn write_cache(&self) -> bool {
+        self.inner.write_cache()
+    }
+    fn set_write_cache(&self, enabled: bool) -> vmkit_block_backend::Result<()> {
+        self.inner.set_write_cache(enabled)
+    }
+    fn read_vectored(
+        &self,
+        offset: u64,
+        bufs: &[vmkit_block_backend::IoBuf<'_>],
+    ) -> vmkit_block_backend::Result<usize> {
+        self.started
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        self.inner.read_vectored(offset, bufs)
+    }
+    fn write_vectored(
+        &self,
+        offset: u64,
+        bufs: &[vmkit_block_backend::IoBuf<'_>],
+    ) -> vmkit_block_backend::Result<usize> {
+        self.inner.write_vectored(offset, bufs)
+    }
+    fn flush(&self) -> vmkit_block_backend::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> vmkit_block_backend::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> vmkit_block_backend::Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+}
+
+#[test]
+fn reset_waits_for_reads_in_flight_and_nothing_touches_memory_after() {
+    let mem = memory();
+    let path = image(1 << 20, 0x5a);
+    let options = vmkit_block_backend::OpenOptions::new().locking(false);
+    let slow = Arc::new(SlowDisk {
+        inner: vmkit_block_backend::open_sync(&path, &options).unwrap(),
+        started: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let disk = vmkit_block_backend::ThreadPoolEngine::new(slow.clone(), 4, 64).unwrap();
+    let interrupt = Arc::new(CountingInterrupt::new());
+    let options = BlockOptions {
+        serial: Vec::new(),
+        queue_size: 64,
+    };
+    let device = BlockDevice::new(vec![Box::new(disk)], mem.clone(), interrupt, options).unwrap();
+    let mmio = MmioTransport::new(device);
+    let mut driver = Driver::new(mem, 64);
+    assert!(negotiate(&mmio, VERSION_1 | FLUSH));
+    setup_queue(&mmio, &driver, 0);
+    w32(&mmio, reg::STATUS, RUNNING);
+
+    let buffers: Vec<u64> = (0..4).map(|_| driver.alloc(4096)).collect();
+    for (i, &buf) in buffers.iter().enumerate() {
+        driver.fill(buf, 4096, 0);
+        driver.request(T_IN, i as u64 * 8, &[(buf, 4096, true)]);
+    }
+    w32(&mmio, reg::QUEUE_NOTIFY, 0);
+    wait_for(|| slow.started.load(std::sync::atomic::Ordering::SeqCst) == 4);
+
+    // The reads are in the disk's hands: reset must wait for them.
+    let started = std::time::Instant::now();
+    w32(&mmio, reg::STATUS, 0);
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(100),
+        "reset returned after {:?}, before the reads finished",
+        started.elapsed()
+    );
+    assert_eq!(
+        driver.used_idx(),
+        0,
+        "completions after a reset are dropped"
+    );
+
+    // After the reset nothing writes guest memory: a sentinel stays put.
+    for &buf in &buffers {
+        driver.fill(buf, 4096, 0xee);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for &buf in &buffers {
+        assert_eq!(driver.read(buf, 4096), vec![0xee; 4096]);
+    }
+    assert_eq!(driver.used_idx(), 0);
+}
