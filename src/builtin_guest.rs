@@ -9,7 +9,9 @@
 /// vCPU 0 prints `vmkit built-in guest: {cpu_count} vCPUs, {ram} MiB RAM`; then every vCPU
 /// prints `cpu {i} online` once and checks in. vCPU 0 waits (at most about 10 s) for all of
 /// them, runs a compute workload (counting the primes below 100 000) and prints
-/// `compute: ok (9592)`, runs the workloads its arguments ask for, prints `all tests passed`
+/// `compute: ok (9592)`, checks every virtio-blk disk in the boot information (see
+/// `guest/README.md`: one line per check, e.g. `virtio-blk 0: GET_ID "vmkit0" OK (on 1 queue)`;
+/// it overwrites sectors 0-191 of a writable disk), runs the workloads its arguments ask for, prints `all tests passed`
 /// and ends the VM through the exit port. The other vCPUs idle in a `pause` loop.
 ///
 /// # Arguments
@@ -22,6 +24,7 @@
 /// | `print=N` | after the greeting, vCPU 0 prints a line of `N` `.` bytes (one port write each) |
 /// | `compute=N` | run the compute workload `N` times instead of once (0 skips it), to keep the guest busy |
 /// | `touch=K` | write one byte into every 4 KiB page of the first `K` MiB of free memory (`BootInfo::free_memory_start`), then print `touched {K} MiB` |
+/// | `serialN=ID` | the GET_ID answer expected from virtio-blk disk `N` (at most 20 bytes; default empty); the example VMM adds one for each disk with a serial |
 /// | `spin` | after the workloads, vCPU 0 prints `spinning`; every vCPU `i` increments a `u64` at `free_memory_start + 64 * i` forever (volatile writes, to watch progress from the host); the guest never exits |
 ///
 /// # Exit status
@@ -32,6 +35,8 @@
 /// | 2 | the compute workload gave a wrong result |
 /// | 3 | bad argument (`error: unknown argument '...'`, or a malformed value) |
 /// | 4 | `touch=K` (or `spin`'s counters) does not fit in the free memory |
+/// | 5 | a virtio-blk device could not be set up (`error: virtio-blk N: ...`) |
+/// | 6 | a virtio-blk check failed: I/O status, data, ID or a 10 s timeout (`error: virtio-blk N: ...`) |
 /// | 0xfe | invalid boot information (or vCPU index) |
 /// | 0xff | the guest panicked (the message is on the console) |
 pub const ELF: &[u8] = include_bytes!(env!("VMKIT_BUILTIN_GUEST_PATH"));

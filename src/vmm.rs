@@ -7,9 +7,11 @@ use vmkit_guest_abi::{EXIT_PORT, SERIAL_PORT};
 use vmkit_memory::{Backing, GuestRam, KvmSlots, MemoryAccounting, MemoryConfig};
 use vmkit_vcpu::x86_64::boot::FlatBoot;
 use vmkit_vcpu::{IoBuses, RunningVm, VcpuStats, Vm, VmControl, VmEnd};
+use vmkit_virtio_blk::MmioTransport;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::{ExitPort, SerialConsole, SerialOutput};
+use crate::devices::virtio_blk;
+use crate::devices::{DiskConfig, DiskTransport, ExitPort, SerialConsole, SerialOutput};
 use crate::program::{Program, ProgramError};
 
 /// The GSI of COM1's interrupt (IRQ 4 on the PIC and IOAPIC).
@@ -36,6 +38,19 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A disk could not be attached.
+    #[error("disk {index} ({path}): {reason}")]
+    Disk {
+        /// Its position among the disks, from 0.
+        index: usize,
+        /// Its image.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The disks' transport is not available.
+    #[error("--transport pci: virtio-pci is not yet supported; use --transport mmio")]
+    UnsupportedTransport,
 }
 
 /// What a VM is made of.
@@ -55,6 +70,10 @@ pub struct VmConfig {
     pub args: String,
     /// Copy the guest's serial output to standard output as it arrives.
     pub echo_serial: bool,
+    /// Disks, attached as virtio-blk devices in this order.
+    pub disks: Vec<DiskConfig>,
+    /// The transport of the disks.
+    pub disk_transport: DiskTransport,
 }
 
 impl Default for VmConfig {
@@ -67,6 +86,8 @@ impl Default for VmConfig {
             program: Program::Builtin,
             args: String::new(),
             echo_serial: false,
+            disks: Vec::new(),
+            disk_transport: DiskTransport::Mmio,
         }
     }
 }
@@ -75,6 +96,8 @@ impl Default for VmConfig {
 pub struct Vmm {
     // Field order is drop order: vCPU threads end before the slots and RAM go away.
     running: RunningVm,
+    // The disks stop their I/O threads when dropped, after the vCPUs (above) are gone.
+    _disks: Vec<Arc<MmioTransport<virtio_blk::Memory>>>,
     serial: SerialOutput,
     exit_port: Arc<ExitPort>,
     _slots: KvmSlots,
@@ -99,17 +122,34 @@ impl Vmm {
         let ranges: Vec<(u64, u64)> = ram.ranges().iter().map(|r| (r.start.0, r.size)).collect();
         let low_ram_end = ranges.first().map_or(0, |&(start, size)| start + size);
         let program = config.program.load(ram.memory(), low_ram_end)?;
+        let buses = IoBuses::new();
+        if config.disk_transport == DiskTransport::Pci {
+            return Err(Error::UnsupportedTransport);
+        }
+        let mut disks = Vec::with_capacity(config.disks.len());
+        let mut devices = Vec::with_capacity(config.disks.len());
+        for (index, disk) in config.disks.iter().enumerate() {
+            let (device, info) =
+                virtio_blk::attach(index, disk, vm.fd(), ram.memory(), &buses.mmio).map_err(
+                    |reason| Error::Disk {
+                        index,
+                        path: disk.path.display().to_string(),
+                        reason,
+                    },
+                )?;
+            disks.push(device);
+            devices.push(info);
+        }
         let layout = FlatBoot {
             entry: program.entry,
             image_end: program.image_end,
             cpu_count: config.cpus as u32,
             ram: ranges,
-            devices: Vec::new(),
-            args: config.args.clone().into_bytes(),
+            devices,
+            args: program_args(config).into_bytes(),
         }
         .write(ram.memory())?;
 
-        let buses = IoBuses::new();
         let serial = SerialOutput::new(config.echo_serial);
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Device {
             device: "serial",
@@ -142,6 +182,7 @@ impl Vmm {
         let vcpus_started = started.elapsed();
         Ok(Vmm {
             running,
+            _disks: disks,
             serial,
             exit_port,
             _slots: slots,
@@ -184,6 +225,20 @@ impl Vmm {
             first_serial_byte_unix: first_byte.map(unix_time_at),
         }
     }
+}
+
+/// The arguments the program gets: `--args`, and for the built-in guest one `serialN=ID`
+/// word per disk with a serial, so that it can check each disk's GET_ID answer.
+fn program_args(config: &VmConfig) -> String {
+    let mut args = config.args.clone();
+    if config.program == Program::Builtin {
+        for (index, disk) in config.disks.iter().enumerate() {
+            if !disk.serial.is_empty() {
+                args.push_str(&format!(" serial{index}={}", disk.serial));
+            }
+        }
+    }
+    args.trim_start().to_string()
 }
 
 /// The wall-clock time of `instant`, so another process can compare it with its own clock.

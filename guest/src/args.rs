@@ -67,10 +67,35 @@ pub fn parse(args: &[u8]) -> Result<Args, Error<'_>> {
             b"touch" => parsed.touch_mib = number()?,
             b"spin" if value.is_none() => parsed.spin = true,
             b"spin" => return Err(Error::BadValue(word)),
+            _ if disk_index(key).is_some() => {
+                // Validated here, looked up by `disk_serial`.
+                if value.is_none_or(|id| id.len() > MAX_SERIAL) {
+                    return Err(Error::BadValue(word));
+                }
+            }
             _ => return Err(Error::Unknown(word)),
         }
     }
     Ok(parsed)
+}
+
+/// Bytes of a virtio-blk ID (GET_ID) at most.
+pub const MAX_SERIAL: usize = 20;
+
+/// `N` of a `serialN` key (a disk index, decimal).
+fn disk_index(key: &[u8]) -> Option<u64> {
+    key.strip_prefix(b"serial").and_then(parse_decimal)
+}
+
+/// The ID `serialN=ID` expects from virtio-blk disk `disk` (the last such word wins), or
+/// `None` if no word names it. Call after [`parse`] accepted `args`.
+pub fn disk_serial(args: &[u8], disk: u32) -> Option<&[u8]> {
+    args.split(|b| b.is_ascii_whitespace())
+        .rev()
+        .find_map(|word| {
+            let i = word.iter().position(|&b| b == b'=')?;
+            (disk_index(&word[..i]) == Some(u64::from(disk))).then(|| &word[i + 1..])
+        })
 }
 
 /// Parses a non-empty decimal number that fits in a `u64`.

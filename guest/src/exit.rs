@@ -17,6 +17,10 @@ pub mod status {
     pub const BAD_ARGUMENT: u32 = 3;
     /// A memory workload does not fit in the free memory.
     pub const NO_MEMORY: u32 = 4;
+    /// A virtio-blk device could not be set up (probe, features, queues, memory).
+    pub const DISK_SETUP: u32 = 5;
+    /// A virtio-blk check failed (I/O error, wrong data or ID, timeout).
+    pub const DISK_CHECK: u32 = 6;
     /// The boot information block (or the vCPU index) is invalid.
     pub const BAD_BOOT_INFO: u32 = 0xfe;
     /// The guest panicked.

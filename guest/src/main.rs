@@ -14,6 +14,7 @@ mod io;
 mod mem;
 mod serial;
 mod sync;
+mod virtio_blk;
 mod workloads;
 
 use core::fmt::Write;
@@ -144,6 +145,8 @@ fn boot_cpu(info: &'static BootInfo) -> ! {
         }
         println!("compute: ok ({})", workloads::PRIMES_BELOW_LIMIT);
     }
+
+    virtio_blk::check_all(info, info.args());
 
     if args.touch_mib > 0 {
         if let Err(error) = workloads::touch(info, args.touch_mib) {

@@ -1,7 +1,9 @@
-//! The example VMM's legacy devices: the serial console and the exit port.
+//! The example VMM's devices: the serial console, the exit port and virtio-blk disks.
 
 pub mod exit_port;
 pub mod serial;
+pub mod virtio_blk;
 
 pub use exit_port::ExitPort;
 pub use serial::{SerialConsole, SerialOutput};
+pub use virtio_blk::{DiskConfig, DiskTransport};
