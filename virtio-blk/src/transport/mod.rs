@@ -1,3 +1,4 @@
 //! Transports: how a driver reaches the device's registers.
 
 pub mod mmio;
+pub mod pci;
