@@ -1,5 +1,5 @@
 //! vmkit-virtio-blk: a virtio-blk device model (virtio 1.2, section 5.2) on `virtio-queue`,
-//! independent of transport and of disk backend, with a virtio-mmio transport.
+//! independent of transport and of disk backend, with virtio-mmio and virtio-pci transports.
 //!
 //! - [`BlockQueue`] is the hot path of one virtqueue: it pops descriptor chains, checks them
 //!   as hostile input ([`request`]), pushes them to a [`vmkit_block_backend::AsyncDisk`] in
@@ -11,7 +11,8 @@
 //!   eventfd and the disk's completion eventfd; on reset it stops them and waits for the
 //!   disk's requests in flight.
 //! - [`transport::mmio::MmioTransport`] exposes the device as virtio-mmio version 2
-//!   registers.
+//!   registers; [`transport::pci::VirtioPciTransport`] as a modern virtio-pci function
+//!   (a `vmkit_pci_passthrough::PciDevice`) with MSI-X.
 //!
 //! The guest controls every descriptor, address, length and register value: none of them
 //! can panic the VMM, reach outside guest RAM or make it allocate without bound. A bad
@@ -32,6 +33,7 @@ pub use device::{BlockDevice, BlockOptions, QueueConfig};
 pub use interrupt::{CountingInterrupt, EventFdInterrupt, InterruptSink};
 pub use queue::BlockQueue;
 pub use transport::mmio::MmioTransport;
+pub use transport::pci::VirtioPciTransport;
 
 /// virtio device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
