@@ -21,7 +21,7 @@ use crate::Error;
 /// One virtqueue of a block device with its disk.
 ///
 /// Requests are pushed to the disk with their descriptor head index as token; each head has a
-/// [`Slot`] that keeps the request's buffers until it completes, so the steady state does not
+/// `Slot` that keeps the request's buffers until it completes, so the steady state does not
 /// allocate.
 pub struct BlockQueue<M: GuestMemory> {
     // Declared first so that it is dropped first: dropping the disk waits for its requests,
