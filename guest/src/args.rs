@@ -15,7 +15,60 @@ pub struct Args {
     pub touch_mib: u64,
     /// `spin`: every vCPU increments its progress counter forever instead of exiting.
     pub spin: bool,
+    /// `iobench=randread|randwrite` and its parameters: run the I/O benchmark instead of the
+    /// disk checks.
+    pub iobench: Option<IoBench>,
 }
+
+/// The I/O benchmark's operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchOp {
+    /// `iobench=randread`: reads only; the disk is never written.
+    RandRead,
+    /// `iobench=randwrite`: overwrites random blocks of a writable disk.
+    RandWrite,
+}
+
+impl BenchOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchOp::RandRead => "randread",
+            BenchOp::RandWrite => "randwrite",
+        }
+    }
+}
+
+/// When the benchmark stops issuing requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchLimit {
+    /// `seconds=S`: for `S` seconds (measured with the calibrated TSC).
+    Seconds(u64),
+    /// `count=N`: after `N` requests.
+    Count(u64),
+}
+
+/// `iobench=OP depth=N seconds=S|count=N bs=B disk=I`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoBench {
+    pub op: BenchOp,
+    /// Requests kept in flight, 1 to [`MAX_BENCH_DEPTH`].
+    pub depth: u16,
+    pub limit: BenchLimit,
+    /// `batch=N`: completions to wait for before refilling (1 to `depth`, default 1: refill
+    /// whatever has completed).
+    pub batch: u16,
+    /// Bytes per request: a multiple of 512 from 512 to [`MAX_BENCH_BS`].
+    pub bs: u32,
+    /// Which virtio-blk disk (index among the virtio-blk devices).
+    pub disk: u32,
+}
+
+/// The deepest queue `depth=` allows.
+pub const MAX_BENCH_DEPTH: u64 = 64;
+/// The largest request `bs=` allows.
+pub const MAX_BENCH_BS: u64 = 64 * 1024;
+/// `seconds=` at most (an hour).
+pub const MAX_BENCH_SECONDS: u64 = 3600;
 
 impl Default for Args {
     fn default() -> Self {
@@ -25,6 +78,7 @@ impl Default for Args {
             compute: 1,
             touch_mib: 0,
             spin: false,
+            iobench: None,
         }
     }
 }
@@ -37,6 +91,8 @@ pub enum Error<'a> {
     /// A known argument with a missing or malformed value (numbers are decimal and must fit the
     /// argument's type; `spin` takes none).
     BadValue(&'a [u8]),
+    /// `batch=` above `depth=`.
+    BadBatch,
 }
 
 impl fmt::Display for Error<'_> {
@@ -44,6 +100,7 @@ impl fmt::Display for Error<'_> {
         match self {
             Error::Unknown(word) => write!(f, "unknown argument '{}'", Escaped(word)),
             Error::BadValue(word) => write!(f, "invalid value in argument '{}'", Escaped(word)),
+            Error::BadBatch => write!(f, "batch= must not exceed depth="),
         }
     }
 }
@@ -51,6 +108,15 @@ impl fmt::Display for Error<'_> {
 /// Parses the argument string (without its NUL). Later words override earlier ones.
 pub fn parse(args: &[u8]) -> Result<Args, Error<'_>> {
     let mut parsed = Args::default();
+    let mut bench_op = None;
+    let mut bench = IoBench {
+        op: BenchOp::RandRead,
+        depth: 1,
+        batch: 1,
+        limit: BenchLimit::Seconds(5),
+        bs: 4096,
+        disk: 0,
+    };
     for word in args
         .split(|b| b.is_ascii_whitespace())
         .filter(|w| !w.is_empty())
@@ -67,6 +133,44 @@ pub fn parse(args: &[u8]) -> Result<Args, Error<'_>> {
             b"touch" => parsed.touch_mib = number()?,
             b"spin" if value.is_none() => parsed.spin = true,
             b"spin" => return Err(Error::BadValue(word)),
+            b"iobench" => {
+                bench_op = Some(match value {
+                    Some(b"randread") => BenchOp::RandRead,
+                    Some(b"randwrite") => BenchOp::RandWrite,
+                    _ => return Err(Error::BadValue(word)),
+                })
+            }
+            b"depth" => {
+                bench.depth = match number()? {
+                    n @ 1..=MAX_BENCH_DEPTH => n as u16,
+                    _ => return Err(Error::BadValue(word)),
+                }
+            }
+            b"batch" => {
+                bench.batch = match number()? {
+                    n @ 1..=MAX_BENCH_DEPTH => n as u16,
+                    _ => return Err(Error::BadValue(word)),
+                }
+            }
+            b"seconds" => {
+                bench.limit = match number()? {
+                    n @ 1..=MAX_BENCH_SECONDS => BenchLimit::Seconds(n),
+                    _ => return Err(Error::BadValue(word)),
+                }
+            }
+            b"count" => {
+                bench.limit = match number()? {
+                    0 => return Err(Error::BadValue(word)),
+                    n => BenchLimit::Count(n),
+                }
+            }
+            b"bs" => {
+                bench.bs = match number()? {
+                    n @ 512..=MAX_BENCH_BS if n % 512 == 0 => n as u32,
+                    _ => return Err(Error::BadValue(word)),
+                }
+            }
+            b"disk" => bench.disk = u32::try_from(number()?).map_err(|_| Error::BadValue(word))?,
             _ if disk_index(key).is_some() => {
                 // Validated here, looked up by `disk_serial`.
                 if value.is_none_or(|id| id.len() > MAX_SERIAL) {
@@ -76,6 +180,10 @@ pub fn parse(args: &[u8]) -> Result<Args, Error<'_>> {
             _ => return Err(Error::Unknown(word)),
         }
     }
+    if bench.batch > bench.depth {
+        return Err(Error::BadBatch);
+    }
+    parsed.iobench = bench_op.map(|op| IoBench { op, ..bench });
     Ok(parsed)
 }
 

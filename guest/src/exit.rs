@@ -21,6 +21,12 @@ pub mod status {
     pub const DISK_SETUP: u32 = 5;
     /// A virtio-blk check failed (I/O error, wrong data or ID, timeout).
     pub const DISK_CHECK: u32 = 6;
+    /// The I/O benchmark cannot run as asked (no such disk, `randwrite` on a read-only disk,
+    /// a disk or queue too small, no TSC frequency).
+    pub const IOBENCH_SETUP: u32 = 7;
+    /// A benchmark request failed: a status other than OK, a wrong used length, a descriptor
+    /// that was not in flight, or no completion within 10 s.
+    pub const IOBENCH_IO: u32 = 8;
     /// The boot information block (or the vCPU index) is invalid.
     pub const BAD_BOOT_INFO: u32 = 0xfe;
     /// The guest panicked.

@@ -31,7 +31,6 @@ pub unsafe fn outl(port: u16, value: u32) {
 ///
 /// # Safety
 /// As for [`outb`]: reads can have side effects on devices too (they clear status bits).
-#[allow(dead_code)] // Used by drivers to come (UART status, PCI configuration data).
 pub unsafe fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: `in` has no memory operands; the caller vouches for the device effect.

@@ -146,7 +146,13 @@ fn boot_cpu(info: &'static BootInfo) -> ! {
         println!("compute: ok ({})", workloads::PRIMES_BELOW_LIMIT);
     }
 
-    virtio_blk::check_all(info, info.args());
+    match &args.iobench {
+        // The benchmark replaces the disk checks, which would overwrite sectors 0-191.
+        Some(bench) => virtio_blk::iobench(info, bench),
+        None => {
+            virtio_blk::check_all(info, info.args());
+        }
+    }
 
     if args.touch_mib > 0 {
         if let Err(error) = workloads::touch(info, args.touch_mib) {

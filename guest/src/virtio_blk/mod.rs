@@ -7,8 +7,11 @@
 //! No interrupts: requests are published, the queue is notified through `QueueNotify` (which
 //! the VMM backs with an ioeventfd) and the used ring is polled with a TSC timeout.
 
+mod bench;
 mod mmio;
 mod virtqueue;
+
+pub use bench::run as iobench;
 
 use core::ptr;
 
@@ -113,6 +116,17 @@ struct Arena {
 }
 
 impl Arena {
+    /// The free memory above the `spin` counters.
+    fn new(info: &BootInfo) -> Arena {
+        let counters = (u64::from(info.cpu_count) * crate::workloads::SPIN_COUNTER_STRIDE)
+            .div_ceil(4096)
+            * 4096;
+        Arena {
+            low: info.free_memory_start.saturating_add(counters),
+            high: info.free_memory_end,
+        }
+    }
+
     fn alloc(&mut self, disk: u32, bytes: u64) -> u64 {
         let bytes = bytes.div_ceil(4096) * 4096;
         match self.high.checked_sub(bytes) {
@@ -139,12 +153,7 @@ impl Arena {
 /// Checks every virtio-blk device in the boot information; returns how many were checked.
 /// Any failure ends the VM with [`status::DISK_SETUP`] or [`status::DISK_CHECK`].
 pub fn check_all(info: &BootInfo, args: &[u8]) -> u32 {
-    let counters =
-        (u64::from(info.cpu_count) * crate::workloads::SPIN_COUNTER_STRIDE).div_ceil(4096) * 4096;
-    let mut arena = Arena {
-        low: info.free_memory_start.saturating_add(counters),
-        high: info.free_memory_end,
-    };
+    let mut arena = Arena::new(info);
     let mut checked = 0;
     for device in info.devices() {
         if device.kind != DeviceKind::VirtioBlock as u32 {

@@ -11,15 +11,19 @@ use core::sync::atomic::{fence, Ordering};
 use super::mmio::{reg, Mmio};
 
 /// The largest queue size this driver uses.
-pub const MAX_SIZE: u16 = 128;
+pub const MAX_SIZE: u16 = 256;
 /// Bytes of guest memory one queue needs: a page each for the descriptor table (16 bytes
-/// per entry), the available ring (6 + 2 per entry) and the used ring (6 + 8 per entry).
+/// per entry: 4096 at [`MAX_SIZE`]), the available ring (6 + 2 per entry) and the used ring
+/// (6 + 8 per entry).
 pub const MEMORY_BYTES: u64 = 3 * 4096;
 
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 /// `VIRTQ_AVAIL_F_NO_INTERRUPT`: the driver polls and wants no interrupts.
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// `VIRTQ_USED_F_NO_NOTIFY`: the device is processing the queue and needs no notification
+/// (its hint when `VIRTIO_F_EVENT_IDX` is not negotiated).
+const USED_F_NO_NOTIFY: u16 = 1;
 /// A token slot with no request.
 const NO_TOKEN: u16 = u16::MAX;
 
@@ -129,6 +133,21 @@ impl Virtqueue {
             return false;
         }
         let head = self.next_desc;
+        self.write_chain(head, segs);
+        self.next_desc += count;
+        self.push(head, token);
+        true
+    }
+
+    /// Writes `segs` as a chain into descriptors `head..head + segs.len()` (all below the
+    /// queue size, none in flight). For drivers that keep fixed chains and resubmit them with
+    /// [`Virtqueue::push`] rather than allocate with [`Virtqueue::add`] (do not mix the two
+    /// between recycles).
+    pub fn write_chain(&mut self, head: u16, segs: &[Seg]) {
+        assert!(
+            !segs.is_empty() && usize::from(head) + segs.len() <= usize::from(self.size),
+            "chain outside the descriptor table"
+        );
         for (i, seg) in segs.iter().enumerate() {
             let index = head + i as u16;
             let last = i + 1 == segs.len();
@@ -149,25 +168,59 @@ impl Virtqueue {
             // device does not read it before the chain is made available.
             unsafe { slot.write_volatile(desc) };
         }
-        self.next_desc += count;
+    }
+
+    /// Puts the chain at `head` (written by [`Virtqueue::write_chain`], not in flight) in the
+    /// available ring with `token`; the device sees it after [`Virtqueue::publish`].
+    pub fn push(&mut self, head: u16, token: u16) {
+        debug_assert_eq!(self.tokens[usize::from(head)], NO_TOKEN);
         self.tokens[usize::from(head)] = token;
         let ring_slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
         // SAFETY: an entry of the available ring, which the queue owns.
         unsafe { write16(ring_slot, head) };
         self.avail_idx = self.avail_idx.wrapping_add(1);
         self.in_flight += 1;
-        true
     }
 
-    /// Publishes the chains added since the last kick and notifies the device.
-    pub fn kick(&mut self, mmio: &Mmio) {
+    /// Publishes the chains added since the last publication (writes the available index).
+    pub fn publish(&mut self) {
         // The descriptors and ring entries before the index (virtio 1.2, 2.7.13.3).
         fence(Ordering::SeqCst);
         // SAFETY: the available ring's index, which the queue owns.
         unsafe { write16(self.avail + 2, self.avail_idx) };
-        // The index before the notification (2.7.13.4).
+        // The index before the notification, or before reading the used ring's flags
+        // (2.7.13.4).
         fence(Ordering::SeqCst);
+    }
+
+    /// Notifies the device (a write to `QueueNotify`). After [`Virtqueue::publish`].
+    pub fn notify(&self, mmio: &Mmio) {
         mmio.write(reg::QUEUE_NOTIFY, u32::from(self.index));
+    }
+
+    /// Whether the device asks for notifications: its used ring's flags lack
+    /// `VIRTQ_USED_F_NO_NOTIFY`. Read after [`Virtqueue::publish`] (whose fence orders the
+    /// index before this read); a device that clears the flag re-checks the available ring.
+    pub fn wants_notification(&self) -> bool {
+        // SAFETY: the used ring's flags, in memory the queue owns and the device writes.
+        unsafe { read16(self.used) & USED_F_NO_NOTIFY == 0 }
+    }
+
+    /// Publishes the chains added since the last kick and notifies the device.
+    pub fn kick(&mut self, mmio: &Mmio) {
+        self.publish();
+        self.notify(mmio);
+    }
+
+    /// The queue size (entries).
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// Used chains waiting to be popped.
+    pub fn used_ready(&self) -> u16 {
+        // SAFETY: the used ring's index, in memory the queue owns and the device writes.
+        unsafe { read16(self.used + 2) }.wrapping_sub(self.last_used)
     }
 
     /// The next used chain, if the device returned one.
