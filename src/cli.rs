@@ -33,7 +33,7 @@ options of run:
                        engine io_uring is the default; serial is at most 20 bytes;
                        queues 1 to 32 (default 1). The built-in guest tests every disk:
                        it overwrites sectors 0-191 of a writable image
-  --transport mmio     the disks' transport: mmio (default); pci is not yet supported
+  --transport KIND     the disks' transport: mmio (default) or pci (virtio-pci, MSI-X)
 ";
 
 /// What the command line asks for.

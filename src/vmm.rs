@@ -3,14 +3,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use vmkit_guest_abi::{EXIT_PORT, SERIAL_PORT};
+use vmkit_guest_abi::{DeviceInfo, DeviceKind, Transport, EXIT_PORT, SERIAL_PORT};
 use vmkit_memory::{Backing, GuestRam, KvmSlots, MemoryAccounting, MemoryConfig};
 use vmkit_vcpu::x86_64::boot::FlatBoot;
 use vmkit_vcpu::{IoBuses, RunningVm, VcpuStats, Vm, VmControl, VmEnd};
-use vmkit_virtio_blk::MmioTransport;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::virtio_blk;
+use crate::devices::pci::{self, PciRoot};
+use crate::devices::virtio_blk::{self, AttachedDisk};
 use crate::devices::{DiskConfig, DiskTransport, ExitPort, SerialConsole, SerialOutput};
 use crate::program::{Program, ProgramError};
 
@@ -48,9 +48,12 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
-    /// The disks' transport is not available.
-    #[error("--transport pci: virtio-pci is not yet supported; use --transport mmio")]
-    UnsupportedTransport,
+    /// The PCI root complex could not be set up.
+    #[error("PCI: {reason}")]
+    Pci {
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 /// What a VM is made of.
@@ -97,7 +100,9 @@ pub struct Vmm {
     // Field order is drop order: vCPU threads end before the slots and RAM go away.
     running: RunningVm,
     // The disks stop their I/O threads when dropped, after the vCPUs (above) are gone.
-    _disks: Vec<Arc<MmioTransport<virtio_blk::Memory>>>,
+    _disks: Vec<AttachedDisk>,
+    // The PCI root complex (bus, BAR mapper, MSI routes) outlives its functions' users.
+    _pci: Option<PciRoot>,
     serial: SerialOutput,
     exit_port: Arc<ExitPort>,
     _slots: KvmSlots,
@@ -122,23 +127,44 @@ impl Vmm {
         let ranges: Vec<(u64, u64)> = ram.ranges().iter().map(|r| (r.start.0, r.size)).collect();
         let low_ram_end = ranges.first().map_or(0, |&(start, size)| start + size);
         let program = config.program.load(ram.memory(), low_ram_end)?;
-        let buses = IoBuses::new();
-        if config.disk_transport == DiskTransport::Pci {
-            return Err(Error::UnsupportedTransport);
-        }
+        let buses = Arc::new(IoBuses::new());
         let mut disks = Vec::with_capacity(config.disks.len());
         let mut devices = Vec::with_capacity(config.disks.len());
+        let mut pci = None;
+        if config.disk_transport == DiskTransport::Pci && !config.disks.is_empty() {
+            let root = PciRoot::new(vm.fd().clone(), buses.clone())
+                .map_err(|reason| Error::Pci { reason })?;
+            // Flat programs find the functions by enumerating bus 0 through the ports.
+            devices.push(DeviceInfo {
+                kind: DeviceKind::PciHostBridge as u32,
+                transport: Transport::PortIo as u32,
+                address: pci::CONFIG_PORT,
+                size: pci::CONFIG_PORT_COUNT,
+                irq: 0,
+                flags: 0,
+            });
+            pci = Some(root);
+        }
         for (index, disk) in config.disks.iter().enumerate() {
-            let (device, info) =
-                virtio_blk::attach(index, disk, vm.fd(), ram.memory(), &buses.mmio).map_err(
-                    |reason| Error::Disk {
-                        index,
-                        path: disk.path.display().to_string(),
-                        reason,
-                    },
-                )?;
-            disks.push(device);
-            devices.push(info);
+            let disk_error = |reason| Error::Disk {
+                index,
+                path: disk.path.display().to_string(),
+                reason,
+            };
+            match pci.as_mut() {
+                Some(root) => {
+                    let device =
+                        virtio_blk::attach_pci(disk, ram.memory(), root).map_err(disk_error)?;
+                    disks.push(AttachedDisk::Pci(device));
+                }
+                None => {
+                    let (device, info) =
+                        virtio_blk::attach(index, disk, vm.fd(), ram.memory(), &buses.mmio)
+                            .map_err(disk_error)?;
+                    disks.push(AttachedDisk::Mmio(device));
+                    devices.push(info);
+                }
+            }
         }
         let layout = FlatBoot {
             entry: program.entry,
@@ -177,12 +203,13 @@ impl Vmm {
         for vcpu in &vcpus {
             layout.entry_state(vcpu.index as u32).apply(&vcpu.fd)?;
         }
-        let running = RunningVm::start(vcpus, Arc::new(buses))?;
+        let running = RunningVm::start(vcpus, buses)?;
         exit_port.connect(running.control());
         let vcpus_started = started.elapsed();
         Ok(Vmm {
             running,
             _disks: disks,
+            _pci: pci,
             serial,
             exit_port,
             _slots: slots,

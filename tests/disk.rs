@@ -249,16 +249,6 @@ fn bad_disk_options_are_clear_errors_without_a_panic() {
             1,
             "cannot open /nonexistent/disk.img",
         ),
-        (
-            vec![
-                "--disk".into(),
-                format!("path={path}"),
-                "--transport".into(),
-                "pci".into(),
-            ],
-            1,
-            "virtio-pci is not yet supported",
-        ),
     ];
     for (args, code, expected) in cases {
         if code == 1 && !kvm_available() {
@@ -271,4 +261,39 @@ fn bad_disk_options_are_clear_errors_without_a_panic() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+}
+
+#[test]
+fn disks_over_virtio_pci() {
+    if !kvm_available() {
+        return;
+    }
+    let writable = image("pci-rw");
+    let read_only = image("pci-ro");
+    let before = std::fs::read(&read_only).unwrap();
+    let first = format!(
+        "path={},serial=pci0,queues=2,cache=none",
+        writable.display()
+    );
+    let second = format!("path={},readonly=on", read_only.display());
+    let stdout = run_ok(&["--transport", "pci", "--disk", &first, "--disk", &second]);
+    // The guest found both functions by enumerating the PCI bus, in slot order.
+    for disk in 0..2 {
+        let probe = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("virtio-blk {disk}: 2048 sectors")))
+            .unwrap_or_else(|| panic!("disk {disk} probed in {stdout}"));
+        assert!(probe.ends_with(", virtio-pci"), "{probe}");
+    }
+    assert_writable_disk_lines(&stdout, 0);
+    assert!(
+        stdout.contains("virtio-blk 0: GET_ID \"pci0\" OK (on 2 queues)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("virtio-blk 1: read-only: write and write-zeroes refused with IOERR"),
+        "{stdout}"
+    );
+    assert_checked_image(&writable, 0);
+    assert_eq!(std::fs::read(&read_only).unwrap(), before);
 }

@@ -1,6 +1,8 @@
-//! The example VMM's devices: the serial console, the exit port and virtio-blk disks.
+//! The example VMM's devices: the serial console, the exit port, the PCI root complex and
+//! virtio-blk disks.
 
 pub mod exit_port;
+pub mod pci;
 pub mod serial;
 pub mod virtio_blk;
 

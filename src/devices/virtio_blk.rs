@@ -16,7 +16,12 @@ use vmkit_block_backend::{CacheMode, EngineKind, Format, OpenOptions};
 use vmkit_guest_abi::{DeviceInfo, DeviceKind, Transport};
 use vmkit_vcpu::{Bus, BusDevice};
 use vmkit_virtio_blk::transport::mmio::{reg, MMIO_SIZE};
-use vmkit_virtio_blk::{BlockDevice, BlockOptions, EventFdInterrupt, MmioTransport};
+use vmkit_virtio_blk::transport::pci::{msix_vectors, BAR as VIRTIO_PCI_BAR};
+use vmkit_virtio_blk::{
+    BlockDevice, BlockOptions, EventFdInterrupt, MmioTransport, VirtioPciTransport,
+};
+
+use crate::devices::pci::PciRoot;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Where the first disk's registers are (inside the MMIO hole at 0xC000_0000).
@@ -41,7 +46,7 @@ pub enum DiskTransport {
     /// virtio-mmio version 2.
     #[default]
     Mmio,
-    /// virtio-pci (not yet supported).
+    /// virtio-pci (modern), on the VM's PCI root complex, with MSI-X.
     Pci,
 }
 
@@ -158,4 +163,54 @@ pub fn attach(
         flags: if config.read_only { FLAG_READ_ONLY } else { 0 },
     };
     Ok((transport, info))
+}
+
+/// An attached disk, kept by the VMM until the vCPUs have stopped.
+pub enum AttachedDisk {
+    /// On virtio-mmio.
+    Mmio(Arc<MmioTransport<Memory>>),
+    /// On virtio-pci.
+    Pci(Arc<VirtioPciTransport<Memory>>),
+}
+
+/// Attaches disk `index` as a virtio-pci function on `root`: opens the image (one engine per
+/// queue), routes one MSI-X vector per queue (and one for configuration changes) through
+/// KVM, and plugs the function into the next free slot; the guest finds it by enumerating
+/// the bus. Its queue notifications become KVM ioeventfds wherever the guest places BAR 0.
+pub fn attach_pci(
+    config: &DiskConfig,
+    memory: &Memory,
+    root: &mut PciRoot,
+) -> Result<Arc<VirtioPciTransport<Memory>>, AttachError> {
+    let options = OpenOptions::new()
+        .format(config.format)
+        .cache(config.cache)
+        .engine(config.engine)
+        .read_only(config.read_only);
+    let disks = vmkit_block_backend::open_queues(&config.path, &options, config.queues.into())
+        .map_err(|e| e.to_string())?;
+    let routing = root
+        .router()
+        .allocate(msix_vectors(config.queues))
+        .map_err(|e| format!("MSI-X routes: {e}"))?;
+    let transport = Arc::new(
+        VirtioPciTransport::build(
+            disks,
+            Arc::new(memory.clone()),
+            BlockOptions {
+                serial: config.serial.as_bytes().to_vec(),
+                ..BlockOptions::default()
+            },
+            Arc::new(routing),
+        )
+        .map_err(|e| e.to_string())?,
+    );
+    let ioevents = transport
+        .notify_ioeventfds()
+        .map_err(|e| format!("eventfd: {e}"))?
+        .into_iter()
+        .map(|(_queue, offset, fd)| (VIRTIO_PCI_BAR, offset, fd))
+        .collect();
+    root.add(transport.clone(), ioevents)?;
+    Ok(transport)
 }

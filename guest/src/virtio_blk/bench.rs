@@ -10,10 +10,10 @@
 
 use core::ptr;
 
-use vmkit_guest_abi::{BootInfo, DeviceKind, Transport};
+use vmkit_guest_abi::BootInfo;
 
 use super::virtqueue::Seg;
-use super::{feature, read_byte, req_type, Arena, Disk, SECTOR, S_OK, S_UNWRITTEN};
+use super::{feature, find_disks, read_byte, req_type, Arena, Disk, SECTOR, S_OK, S_UNWRITTEN};
 use crate::args::{BenchLimit, BenchOp, IoBench};
 use crate::exit::{exit, status};
 use crate::{cpu, println};
@@ -52,27 +52,20 @@ impl Xorshift {
 /// [`status::DISK_SETUP`]. Other disks are left alone.
 pub fn run(info: &BootInfo, bench: &IoBench) {
     let setup = status::IOBENCH_SETUP;
-    let Some(device) = info
-        .devices()
-        .iter()
-        .filter(|d| d.kind == DeviceKind::VirtioBlock as u32)
-        .nth(bench.disk as usize)
+    let (disks, count) = find_disks(info);
+    let Some(transport) = disks
+        .get(bench.disk as usize)
+        .filter(|_| (bench.disk as usize) < count)
+        .copied()
+        .flatten()
     else {
         fail!(setup, "no virtio-blk disk {}", bench.disk);
     };
-    if device.transport != Transport::VirtioMmio as u32 {
-        fail!(
-            setup,
-            "disk {}: transport {} is not supported by this guest",
-            bench.disk,
-            device.transport
-        );
-    }
     let Some(tsc_hz) = cpu::calibrate_tsc_hz() else {
         fail!(setup, "cannot measure the TSC frequency (no PIT channel 2)");
     };
     let mut arena = Arena::new(info);
-    let mut blk = Disk::probe(bench.disk, device, &mut arena);
+    let mut blk = Disk::probe(bench.disk, transport, &mut arena);
     let disk = bench.disk;
     let write = bench.op == BenchOp::RandWrite;
     if write && blk.has(feature::RO) {
@@ -98,7 +91,7 @@ pub fn run(info: &BootInfo, bench: &IoBench) {
         );
     }
     let depth = bench.depth;
-    let mmio = blk.mmio;
+    let transport = blk.transport;
     let Some(queue) = blk.queues[0].as_mut() else {
         fail!(setup, "disk {disk}: queue 0 is not set up");
     };
@@ -189,7 +182,7 @@ pub fn run(info: &BootInfo, bench: &IoBench) {
     queue.publish();
     batches += 1;
     if queue.wants_notification() {
-        queue.notify(&mmio);
+        queue.notify(&transport);
         notified += 1;
     }
     let mut stopping = issued == limit_count;
@@ -256,7 +249,7 @@ pub fn run(info: &BootInfo, bench: &IoBench) {
             queue.publish();
             batches += 1;
             if queue.wants_notification() {
-                queue.notify(&mmio);
+                queue.notify(&transport);
                 notified += 1;
             }
         }

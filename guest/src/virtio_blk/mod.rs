@@ -1,26 +1,30 @@
-//! A polling virtio-blk driver that checks every virtio-blk device in `BootInfo` (virtio-mmio
-//! version 2 transport): it negotiates features, sets up every queue (up to [`MAX_QUEUES`]),
+//! A polling virtio-blk driver that checks every virtio-blk device: those `BootInfo` lists
+//! on virtio-mmio (version 2), then the virtio-pci functions on PCI bus 0 when `BootInfo`
+//! lists a PCI host bridge. It negotiates features, sets up every queue (up to [`MAX_QUEUES`]),
 //! writes, flushes and reads back a pattern, asks for the ID, and checks discard,
 //! write-zeroes and read-only behaviour where the device offers them. README.md lists the
 //! output lines and the disk layout the host can verify afterwards.
 //!
-//! No interrupts: requests are published, the queue is notified through `QueueNotify` (which
-//! the VMM backs with an ioeventfd) and the used ring is polled with a TSC timeout.
+//! No interrupts: requests are published, the queue is notified (through `QueueNotify` or the
+//! PCI notification region, which the VMM backs with ioeventfds) and the used ring is polled
+//! with a TSC timeout.
 
 mod bench;
 mod mmio;
+mod pci;
+mod transport;
 mod virtqueue;
 
 pub use bench::run as iobench;
 
 use core::ptr;
 
-use vmkit_guest_abi::{BootInfo, DeviceInfo, DeviceKind, Transport};
+use vmkit_guest_abi::{BootInfo, DeviceKind, Transport};
 
 use crate::args::Escaped;
 use crate::exit::{exit, status};
 use crate::{cpu, println};
-use mmio::{reg, Mmio};
+use transport::VirtioTransport;
 use virtqueue::{Seg, Virtqueue};
 
 /// Queues the driver uses at most (more may be offered; they stay disabled).
@@ -150,30 +154,79 @@ impl Arena {
     }
 }
 
-/// Checks every virtio-blk device in the boot information; returns how many were checked.
-/// Any failure ends the VM with [`status::DISK_SETUP`] or [`status::DISK_CHECK`].
-pub fn check_all(info: &BootInfo, args: &[u8]) -> u32 {
-    let mut arena = Arena::new(info);
-    let mut checked = 0;
+/// Disks the driver handles at most.
+pub const MAX_DISKS: usize = 32;
+
+/// The virtio-blk devices, in disk order: the virtio-mmio ones `BootInfo` lists, then the
+/// virtio-pci functions of bus 0 if `BootInfo` lists a PCI host bridge. Returns the table
+/// and how many entries it holds; a device that cannot be used ends the VM.
+fn find_disks(info: &BootInfo) -> ([Option<VirtioTransport>; MAX_DISKS], usize) {
+    let mut disks = [None; MAX_DISKS];
+    let mut count = 0;
+    let mut add = |transport: VirtioTransport| {
+        if let Some(slot) = disks.get_mut(count) {
+            *slot = Some(transport);
+            count += 1;
+        }
+    };
+    let mut pci_bus = false;
     for device in info.devices() {
+        if device.kind == DeviceKind::PciHostBridge as u32 {
+            pci_bus = true;
+        }
         if device.kind != DeviceKind::VirtioBlock as u32 {
             continue;
         }
-        let disk = checked;
-        checked += 1;
         if device.transport != Transport::VirtioMmio as u32 {
-            println!(
-                "virtio-blk {disk}: transport {} is not supported by this guest, skipped",
+            fail!(
+                status::DISK_SETUP,
+                count,
+                "transport {} is not supported by this guest",
                 device.transport
             );
-            continue;
         }
+        match VirtioTransport::mmio(device) {
+            Ok(transport) => add(transport),
+            Err(reason) => fail!(
+                status::DISK_SETUP,
+                count,
+                "at {:#x}: {reason}",
+                device.address
+            ),
+        }
+    }
+    if pci_bus {
+        for function in pci::block_functions() {
+            match VirtioTransport::pci(function) {
+                Ok(transport) => add(transport),
+                Err(reason) => fail!(
+                    status::DISK_SETUP,
+                    count,
+                    "PCI 00:{:02x}.0: {reason}",
+                    function.device
+                ),
+            }
+        }
+    }
+    (disks, count)
+}
+
+/// Checks every virtio-blk device ([`find_disks`]); returns how many were checked. Any
+/// failure ends the VM with [`status::DISK_SETUP`] or [`status::DISK_CHECK`].
+pub fn check_all(info: &BootInfo, args: &[u8]) -> u32 {
+    let mut arena = Arena::new(info);
+    let (disks, count) = find_disks(info);
+    for (disk, transport) in disks.iter().take(count).enumerate() {
+        let Some(transport) = *transport else {
+            continue;
+        };
+        let disk = disk as u32;
         let serial = crate::args::disk_serial(args, disk).unwrap_or(b"");
-        let mut blk = Disk::probe(disk, device, &mut arena);
+        let mut blk = Disk::probe(disk, transport, &mut arena);
         blk.check(serial);
         blk.reset();
     }
-    checked
+    count as u32
 }
 
 /// One request of a batch.
@@ -218,7 +271,7 @@ struct Outcome {
 
 struct Disk {
     index: u32,
-    mmio: Mmio,
+    transport: VirtioTransport,
     features: u64,
     capacity: u64,
     seg_max: usize,
@@ -236,40 +289,16 @@ impl Disk {
     }
 
     /// Initializes the device (virtio 1.2, section 3.1.1) and prints what it is.
-    fn probe(index: u32, device: &DeviceInfo, arena: &mut Arena) -> Disk {
+    fn probe(index: u32, mut transport: VirtioTransport, arena: &mut Arena) -> Disk {
         let setup = status::DISK_SETUP;
-        if device.size < mmio::MIN_WINDOW {
-            fail!(
-                setup,
-                index,
-                "register window of {:#x} bytes is too small",
-                device.size
-            );
-        }
-        // SAFETY: the VMM describes a virtio-mmio device at this identity-mapped address, and
-        // this driver is the only user of it.
-        let mmio = unsafe { Mmio::new(device.address) };
-        let magic = mmio.read(reg::MAGIC_VALUE);
-        let version = mmio.read(reg::VERSION);
-        let device_id = mmio.read(reg::DEVICE_ID);
-        if magic != mmio::MAGIC || version != mmio::VERSION || device_id != 2 {
-            fail!(
-                setup,
-                index,
-                "at {:#x}: magic {magic:#x}, version {version}, device id {device_id}; expected a virtio-mmio v2 block device",
-                device.address
-            );
-        }
-        mmio.write(reg::STATUS, 0);
-        if mmio.read(reg::STATUS) != 0 {
+        use mmio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FAILED, FEATURES_OK, NEEDS_RESET};
+        transport.set_status(0);
+        if transport.status() != 0 {
             fail!(setup, index, "the device did not reset");
         }
-        mmio.write(reg::STATUS, mmio::status::ACKNOWLEDGE);
-        mmio.write(
-            reg::STATUS,
-            mmio::status::ACKNOWLEDGE | mmio::status::DRIVER,
-        );
-        let offered = mmio.device_features();
+        transport.set_status(ACKNOWLEDGE);
+        transport.set_status(ACKNOWLEDGE | DRIVER);
+        let offered = transport.device_features();
         if offered & feature::VERSION_1 == 0 {
             fail!(
                 setup,
@@ -278,11 +307,10 @@ impl Disk {
             );
         }
         let features = offered & feature::WANTED;
-        mmio.set_driver_features(features);
-        let features_ok =
-            mmio::status::ACKNOWLEDGE | mmio::status::DRIVER | mmio::status::FEATURES_OK;
-        mmio.write(reg::STATUS, features_ok);
-        if mmio.read(reg::STATUS) & mmio::status::FEATURES_OK == 0 {
+        transport.set_driver_features(features);
+        let features_ok = ACKNOWLEDGE | DRIVER | FEATURES_OK;
+        transport.set_status(features_ok);
+        if transport.status() & FEATURES_OK == 0 {
             fail!(
                 setup,
                 index,
@@ -290,23 +318,23 @@ impl Disk {
             );
         }
 
-        let capacity = mmio.config64(config::CAPACITY);
+        let capacity = transport.config64(config::CAPACITY);
         let blk_size = if features & feature::BLK_SIZE != 0 {
-            mmio.config32(config::BLK_SIZE)
+            transport.config32(config::BLK_SIZE)
         } else {
             512
         };
         let seg_max = if features & feature::SEG_MAX != 0 {
-            mmio.config32(config::SEG_MAX) as usize
+            transport.config32(config::SEG_MAX) as usize
         } else {
             1
         };
         let size_max = if features & feature::SIZE_MAX != 0 {
-            mmio.config32(config::SIZE_MAX)
+            transport.config32(config::SIZE_MAX)
         } else {
             u32::MAX
         };
-        let word = mmio.config32(config::WRITEBACK_NUM_QUEUES);
+        let word = transport.config32(config::WRITEBACK_NUM_QUEUES);
         let writeback = word & 0xff != 0;
         let offered_queues = if features & feature::MQ != 0 {
             ((word >> 16) as usize).max(1)
@@ -324,11 +352,10 @@ impl Disk {
 
         let mut queues: [Option<Virtqueue>; MAX_QUEUES] = Default::default();
         for (q, slot) in queues.iter_mut().enumerate().take(queue_count) {
-            mmio.write(reg::QUEUE_SEL, q as u32);
-            if mmio.read(reg::QUEUE_READY) != 0 {
+            let (ready, max) = transport.queue_state(q as u16);
+            if ready {
                 fail!(setup, index, "queue {q} is ready before setup");
             }
-            let max = mmio.read(reg::QUEUE_NUM_MAX);
             if max == 0 {
                 fail!(setup, index, "queue {q} is not available (QueueNumMax 0)");
             }
@@ -337,7 +364,7 @@ impl Disk {
             let size = 1u16 << (31 - limit.leading_zeros());
             let memory = arena.alloc(index, virtqueue::MEMORY_BYTES);
             let queue = Virtqueue::new(q as u16, size, memory);
-            if !queue.configure(&mmio) {
+            if !queue.configure(&mut transport) {
                 fail!(setup, index, "queue {q} (size {size}) was not accepted");
             }
             *slot = Some(queue);
@@ -346,11 +373,9 @@ impl Disk {
         let wbuf = arena.alloc(index, REGION_SECTORS * SECTOR);
         let rbuf = arena.alloc(index, REGION_SECTORS * SECTOR);
 
-        mmio.write(reg::STATUS, features_ok | mmio::status::DRIVER_OK);
-        let device_status = mmio.read(reg::STATUS);
-        if device_status & mmio::status::DRIVER_OK == 0
-            || device_status & (mmio::status::NEEDS_RESET | mmio::status::FAILED) != 0
-        {
+        transport.set_status(features_ok | DRIVER_OK);
+        let device_status = transport.status();
+        if device_status & DRIVER_OK == 0 || device_status & (NEEDS_RESET | FAILED) != 0 {
             fail!(
                 setup,
                 index,
@@ -358,14 +383,15 @@ impl Disk {
             );
         }
         println!(
-            "virtio-blk {index}: {capacity} sectors ({} KiB), block {blk_size} bytes, {queue_count} of {offered_queues} queues, {}, write cache {}, features {features:#x}",
+            "virtio-blk {index}: {capacity} sectors ({} KiB), block {blk_size} bytes, {queue_count} of {offered_queues} queues, {}, write cache {}, features {features:#x}, {}",
             capacity / 2,
             if features & feature::RO != 0 { "read-only" } else { "read-write" },
             if writeback { "on" } else { "off" },
+            transport.name(),
         );
         Disk {
             index,
-            mmio,
+            transport,
             features,
             capacity,
             seg_max: seg_max.min(MAX_SEGS),
@@ -380,7 +406,7 @@ impl Disk {
 
     /// Resets the device, which stops its I/O and makes it forget the queues.
     fn reset(&self) {
-        self.mmio.write(reg::STATUS, 0);
+        self.transport.set_status(0);
     }
 
     fn check(&mut self, serial: &[u8]) {
@@ -531,18 +557,18 @@ impl Disk {
         let (start, max_sectors, max_seg) = if kind == req_type::DISCARD {
             (
                 REGION_SECTORS,
-                self.mmio.config32(config::MAX_DISCARD_SECTORS),
-                self.mmio.config32(config::MAX_DISCARD_SEG),
+                self.transport.config32(config::MAX_DISCARD_SECTORS),
+                self.transport.config32(config::MAX_DISCARD_SEG),
             )
         } else {
             (
                 2 * REGION_SECTORS,
-                self.mmio.config32(config::MAX_WRITE_ZEROES_SECTORS),
-                self.mmio.config32(config::MAX_WRITE_ZEROES_SEG),
+                self.transport.config32(config::MAX_WRITE_ZEROES_SECTORS),
+                self.transport.config32(config::MAX_WRITE_ZEROES_SEG),
             )
         };
         let alignment = if kind == req_type::DISCARD {
-            u64::from(self.mmio.config32(config::DISCARD_SECTOR_ALIGNMENT)).max(1)
+            u64::from(self.transport.config32(config::DISCARD_SECTOR_ALIGNMENT)).max(1)
         } else {
             1
         };
@@ -761,7 +787,7 @@ impl Disk {
         }
         for (q, queue) in self.queues.iter_mut().enumerate() {
             if let (true, Some(queue)) = (kicked[q], queue.as_mut()) {
-                queue.kick(&self.mmio);
+                queue.kick(&self.transport);
             }
         }
 
@@ -800,7 +826,7 @@ impl Disk {
                 index,
                 "{what}: {in_flight} of {} requests not completed within {TIMEOUT_SECONDS} s (device status {:#x})",
                 reqs.len(),
-                self.mmio.read(reg::STATUS)
+                self.transport.status()
             );
         }
         for queue in self.queues.iter_mut().flatten() {

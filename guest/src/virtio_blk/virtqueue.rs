@@ -8,7 +8,7 @@
 use core::ptr;
 use core::sync::atomic::{fence, Ordering};
 
-use super::mmio::{reg, Mmio};
+use super::transport::VirtioTransport;
 
 /// The largest queue size this driver uses.
 pub const MAX_SIZE: u16 = 256;
@@ -99,14 +99,8 @@ impl Virtqueue {
 
     /// Tells the device where the rings are and enables the queue; returns whether the
     /// device accepted it (`QueueReady` reads 1).
-    pub fn configure(&self, mmio: &Mmio) -> bool {
-        mmio.write(reg::QUEUE_SEL, u32::from(self.index));
-        mmio.write(reg::QUEUE_NUM, u32::from(self.size));
-        mmio.write_address(reg::QUEUE_DESC_LOW, self.desc);
-        mmio.write_address(reg::QUEUE_DRIVER_LOW, self.avail);
-        mmio.write_address(reg::QUEUE_DEVICE_LOW, self.used);
-        mmio.write(reg::QUEUE_READY, 1);
-        mmio.read(reg::QUEUE_READY) == 1
+    pub fn configure(&self, transport: &mut VirtioTransport) -> bool {
+        transport.configure_queue(self.index, self.size, [self.desc, self.avail, self.used])
     }
 
     /// Descriptors still free for [`Virtqueue::add`].
@@ -193,9 +187,9 @@ impl Virtqueue {
         fence(Ordering::SeqCst);
     }
 
-    /// Notifies the device (a write to `QueueNotify`). After [`Virtqueue::publish`].
-    pub fn notify(&self, mmio: &Mmio) {
-        mmio.write(reg::QUEUE_NOTIFY, u32::from(self.index));
+    /// Notifies the device. After [`Virtqueue::publish`].
+    pub fn notify(&self, transport: &VirtioTransport) {
+        transport.notify(self.index);
     }
 
     /// Whether the device asks for notifications: its used ring's flags lack
@@ -207,9 +201,9 @@ impl Virtqueue {
     }
 
     /// Publishes the chains added since the last kick and notifies the device.
-    pub fn kick(&mut self, mmio: &Mmio) {
+    pub fn kick(&mut self, transport: &VirtioTransport) {
         self.publish();
-        self.notify(mmio);
+        self.notify(transport);
     }
 
     /// The queue size (entries).
