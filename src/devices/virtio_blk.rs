@@ -105,6 +105,27 @@ impl BusDevice for MmioBlock {
 /// Why a disk could not be attached.
 pub type AttachError = String;
 
+/// The image of `config`, opened once with an engine per queue.
+fn open_disks(
+    config: &DiskConfig,
+) -> Result<Vec<Box<dyn vmkit_block_backend::AsyncDisk>>, AttachError> {
+    let options = OpenOptions::new()
+        .format(config.format)
+        .cache(config.cache)
+        .engine(config.engine)
+        .read_only(config.read_only);
+    vmkit_block_backend::open_queues(&config.path, &options, config.queues.into())
+        .map_err(|e| e.to_string())
+}
+
+/// The device options `config` asks for.
+fn block_options(config: &DiskConfig) -> BlockOptions {
+    BlockOptions {
+        serial: config.serial.as_bytes().to_vec(),
+        ..BlockOptions::default()
+    }
+}
+
 /// Attaches disk `index` as described by `config`: opens the image (one engine per queue),
 /// builds the device, wires its interrupt and notifications into KVM and puts it on `mmio`.
 /// Returns the device (drop it only after the vCPUs stopped) and its boot-information entry.
@@ -122,13 +143,7 @@ pub fn attach(
     }
     let gsi = FIRST_GSI + index as u32;
     let base = MMIO_BASE + index as u64 * MMIO_SIZE;
-    let options = OpenOptions::new()
-        .format(config.format)
-        .cache(config.cache)
-        .engine(config.engine)
-        .read_only(config.read_only);
-    let disks = vmkit_block_backend::open_queues(&config.path, &options, config.queues.into())
-        .map_err(|e| e.to_string())?;
+    let disks = open_disks(config)?;
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
     vm.register_irqfd(&irq, gsi)
         .map_err(|e| format!("irqfd on GSI {gsi}: {e}"))?;
@@ -136,10 +151,7 @@ pub fn attach(
         disks,
         Arc::new(memory.clone()),
         Arc::new(EventFdInterrupt::new(irq)),
-        BlockOptions {
-            serial: config.serial.as_bytes().to_vec(),
-            ..BlockOptions::default()
-        },
+        block_options(config),
     )
     .map_err(|e| e.to_string())?;
     let transport = Arc::new(MmioTransport::new(device));
@@ -182,13 +194,7 @@ pub fn attach_pci(
     memory: &Memory,
     root: &mut PciRoot,
 ) -> Result<Arc<VirtioPciTransport<Memory>>, AttachError> {
-    let options = OpenOptions::new()
-        .format(config.format)
-        .cache(config.cache)
-        .engine(config.engine)
-        .read_only(config.read_only);
-    let disks = vmkit_block_backend::open_queues(&config.path, &options, config.queues.into())
-        .map_err(|e| e.to_string())?;
+    let disks = open_disks(config)?;
     let routing = root
         .router()
         .allocate(msix_vectors(config.queues))
@@ -197,10 +203,7 @@ pub fn attach_pci(
         VirtioPciTransport::build(
             disks,
             Arc::new(memory.clone()),
-            BlockOptions {
-                serial: config.serial.as_bytes().to_vec(),
-                ..BlockOptions::default()
-            },
+            block_options(config),
             Arc::new(routing),
         )
         .map_err(|e| e.to_string())?,
