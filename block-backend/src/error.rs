@@ -72,6 +72,14 @@ pub enum Error {
         /// The limit.
         max: usize,
     },
+    /// A qcow2 image that is invalid, corrupt or uses what this crate does not support.
+    #[error("qcow2 image {path}: {source}")]
+    Qcow2 {
+        /// The image's path.
+        path: PathBuf,
+        /// What is wrong.
+        source: crate::qcow2::Qcow2Error,
+    },
     /// The host returned an error for an I/O request.
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
