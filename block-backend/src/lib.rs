@@ -9,6 +9,8 @@
 //! - raw images ([`RawDisk`]): regular files and host block devices, with holes punched on
 //!   discard, `FALLOC_FL_ZERO_RANGE` for write-zeroes, and QEMU-compatible image locking (a
 //!   second writer is refused, QEMU processes included);
+//! - qcow2 images ([`Qcow2Disk`]): versions 2 and 3, compressed, zero and subclustered
+//!   clusters, backing chains only when asked ([`Backing`]), crash-safe allocating writes;
 //! - QEMU's cache modes ([`CacheMode`]) with their semantics, including the run-time switch
 //!   of the write cache that virtio's `CONFIG_WCE` needs, and aligned bounce buffers so that
 //!   `O_DIRECT` never fails a request for its alignment;
