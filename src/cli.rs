@@ -278,7 +278,7 @@ mod tests {
         assert!(second.read_only);
         assert_eq!((second.serial.as_str(), second.queues), ("vmkit1", 4));
         assert_eq!(config.disk_transport, DiskTransport::Mmio);
-        // qcow2 parses; opening it gives the library's "unsupported" error.
+        // qcow2 parses; the library opens it when the VM starts.
         let disk = parse_disk("path=x.qcow2,format=qcow2").unwrap();
         assert_eq!(disk.format, Format::Qcow2);
         let Ok(Command::Run { config, .. }) = parse(&args("--transport pci")) else {
