@@ -3,6 +3,9 @@
 # with the same flags on the same file, alternating (ours, QEMU, ours, QEMU, ...), and
 # prints each case's median requests/s and the ratio ours/QEMU as a markdown table. For
 # cache=none cases it also runs fio (io_uring, O_DIRECT, same depth) as the device's limit.
+# With --formats raw,qcow2 the same cases also run on a fully allocated qcow2 copy of the
+# file (vmkit runs qcow2 on its thread pool, so qcow2 cases use the threads engine only),
+# and a qcow2/raw column compares ours on qcow2 with ours on raw.
 #
 # Each tool gets its own request count, calibrated so that one run lasts about --seconds:
 # the tools differ by up to 50x in some cases, and a count that suits one would make the
@@ -23,12 +26,15 @@ usage: scripts/blkbench-compare.sh [options]
   --depths LIST     1,32                        (default both)
   --caches LIST     none,writeback              (default both)
   --engines LIST    io_uring,threads            (default both)
+  --formats LIST    raw,qcow2                   (default raw; qcow2 cases run with
+                    engine threads only, on a fully allocated qcow2 copy of the file)
   --quick           1 round, depth 32, io_uring only (unless given explicitly)
   --no-fio          skip the fio reference runs
   -h, --help        print this help
 
 The lists may also come from the environment: BLKBENCH_DIR, BLKBENCH_ROUNDS,
-BLKBENCH_SECONDS, BLKBENCH_OPS, BLKBENCH_DEPTHS, BLKBENCH_CACHES, BLKBENCH_ENGINES.
+BLKBENCH_SECONDS, BLKBENCH_OPS, BLKBENCH_DEPTHS, BLKBENCH_CACHES, BLKBENCH_ENGINES,
+BLKBENCH_FORMATS.
 Progress goes to stderr, the table to stdout.
 EOF
 }
@@ -46,6 +52,7 @@ ops=${BLKBENCH_OPS:-}
 depths=${BLKBENCH_DEPTHS:-}
 caches=${BLKBENCH_CACHES:-}
 engines=${BLKBENCH_ENGINES:-}
+formats=${BLKBENCH_FORMATS:-raw}
 keep=0
 quick=0
 use_fio=1
@@ -63,6 +70,7 @@ while [ $# -gt 0 ]; do
         --depths) depths=${2:?--depths needs a value}; shift ;;
         --caches) caches=${2:?--caches needs a value}; shift ;;
         --engines) engines=${2:?--engines needs a value}; shift ;;
+        --formats) formats=${2:?--formats needs a value}; shift ;;
         --quick) quick=1 ;;
         --no-fio) use_fio=0 ;;
         -h | --help) usage; exit 0 ;;
@@ -97,6 +105,12 @@ done
 for engine in ${engines//,/ }; do
     [[ "$engine" =~ ^(io_uring|threads)$ ]] || die "unknown engine '$engine' (io_uring, threads)"
 done
+for format in ${formats//,/ }; do
+    [[ "$format" =~ ^(raw|qcow2)$ ]] || die "unknown format '$format' (raw, qcow2)"
+done
+# Only raw: the table keeps its original columns.
+multi_format=0
+[ "$formats" = raw ] || multi_format=1
 
 command -v qemu-img >/dev/null || die "qemu-img is not installed (apt-get install qemu-utils)"
 command -v cargo >/dev/null || die "cargo is not installed"
@@ -131,9 +145,10 @@ fi
 fstype=$(findmnt -no FSTYPE -T "$dir" 2>/dev/null || stat -f -c %T "$dir")
 [ "$fstype" != tmpfs ] || die "$dir is on tmpfs: O_DIRECT there measures memory, not a disk; choose another --dir"
 file=$dir/blkbench-${file_mib}m.img
+qcow2_file=$dir/blkbench-${file_mib}m.qcow2
 cleanup() {
     if [ "$keep" = 0 ]; then
-        rm -f "$file"
+        rm -f "$file" "$qcow2_file"
         if [ "$created_dir" = 1 ]; then rmdir "$dir" 2>/dev/null || true; fi
     fi
 }
@@ -146,13 +161,30 @@ else
     echo "blkbench-compare: writing a ${file_mib} MiB test file in $dir ($fstype)" >&2
     dd if=/dev/urandom of="$file" bs=1M count="$file_mib" conv=fsync status=none ||
         die "cannot write $file"
+    rm -f "$qcow2_file"
 fi
+if [[ ",$formats," == *,qcow2,* ]]; then
+    if [ -f "$qcow2_file" ] && [ "$qcow2_file" -nt "$file" ] &&
+        qemu-img compare -q -f raw -F qcow2 "$file" "$qcow2_file" 2>/dev/null; then
+        echo "blkbench-compare: reusing $qcow2_file" >&2
+    else
+        # Every cluster allocated (the data is random: nothing reads as zeroes), 64 KiB
+        # clusters, QEMU's defaults otherwise.
+        echo "blkbench-compare: converting the test file to qcow2" >&2
+        rm -f "$qcow2_file"
+        qemu-img convert -f raw -O qcow2 "$file" "$qcow2_file" || die "cannot write $qcow2_file"
+        sync "$qcow2_file"
+    fi
+fi
+# The image the current case runs on, and its format.
+image=$file
+image_format=raw
 
 # One run of our tool; prints "COUNT SECONDS 0" (the count it ran and the time it measured).
 ours_run() { # COUNT FLAGS...
     local count=$1 out engine secs
     shift
-    if ! out=$("$blkbench" --json -c "$count" "$@" "$file" 2>&1); then
+    if ! out=$("$blkbench" --json -f "$image_format" -c "$count" "$@" "$image" 2>&1); then
         die "blkbench -c $count $* failed:"$'\n'"$out"
     fi
     engine=$(sed -n 's/.*"engine":"\([^"]*\)".*/\1/p' <<<"$out")
@@ -172,7 +204,7 @@ qemu_run() { # COUNT FLAGS...
     shift
     while :; do
         rc=0
-        out=$(qemu-img bench -f raw -c "$count" "$@" "$file" 2>&1) || rc=$?
+        out=$(qemu-img bench -f "$image_format" -c "$count" "$@" "$image" 2>&1) || rc=$?
         if [ "$rc" = 139 ] && [ "$crashes" -lt 4 ] && [ "$count" -ge 2000 ]; then
             crashes=$((crashes + 1))
             echo "blkbench-compare: qemu-img bench -c $count $* crashed (SIGSEGV);" \
@@ -242,24 +274,42 @@ fio_rate() { # OP DEPTH
 # Page-cache state: writeback reads start from a cached file, writes from a clean one.
 prepare() { # OP CACHE
     if [ "$1" = write ]; then
-        sync "$file"
+        sync "$image"
     elif [ "$2" != none ] && [ "$2" != directsync ]; then
-        dd if="$file" of=/dev/null bs=1M status=none
+        dd if="$image" of=/dev/null bs=1M status=none
     fi
 }
 
+# The engines a format runs with: qcow2 runs on vmkit's thread pool whatever is asked.
+format_engines() { # FORMAT
+    if [ "$1" = qcow2 ]; then
+        [[ ",$engines," == *,threads,* ]] && echo threads
+    else
+        echo "${engines//,/ }"
+    fi
+}
+if [[ ",$formats," == *,qcow2,* ]] && [[ ",$engines," != *,threads,* ]]; then
+    echo "blkbench-compare: qcow2 runs on the thread pool; add threads to --engines to run it" >&2
+fi
+
 declare -A fio_cache=()
+declare -A raw_rate=()
 rows=()
 crash_note=0
 total=0
-for op in ${ops//,/ }; do for depth in ${depths//,/ }; do for cache in ${caches//,/ }; do
-    for engine in ${engines//,/ }; do total=$((total + 1)); done
-done; done; done
+for format in ${formats//,/ }; do
+    for op in ${ops//,/ }; do for depth in ${depths//,/ }; do for cache in ${caches//,/ }; do
+        for engine in $(format_engines "$format"); do total=$((total + 1)); done
+    done; done; done
+done
 n=0
+for format in ${formats//,/ }; do
+if [ "$format" = qcow2 ]; then image=$qcow2_file; else image=$file; fi
+image_format=$format
 for op in ${ops//,/ }; do
     for depth in ${depths//,/ }; do
         for cache in ${caches//,/ }; do
-            for engine in ${engines//,/ }; do
+            for engine in $(format_engines "$format"); do
                 n=$((n + 1))
                 flags=(-t "$cache" -i "$engine" -d "$depth" -s "$block_size")
                 [ "$op" = write ] && flags+=(-w --pattern "$pattern")
@@ -296,13 +346,25 @@ for op in ${ops//,/ }; do
                     fio_col=$(printf '%.0f' "${fio_cache[$key]}")
                     fio_ratio=$(awk -v a="$ours_med" -v b="$fio_col" 'BEGIN { printf "%.2f", a / b }')
                 fi
-                printf '[%d/%d] %s d%s %s %s: ours%s (-c %s) | QEMU%s (-c %s) | fio %s\n' \
-                    "$n" "$total" "$op" "$depth" "$cache" "$engine" "$ours" "$ours_count" \
-                    "$qemu" "$qemu_count" "$fio_col" >&2
-                rows+=("| $op | $depth | $cache | $engine | $ours_med | $qemu_med$mark | $ratio | $fio_col | $fio_ratio |")
+                printf '[%d/%d] %s %s d%s %s %s: ours%s (-c %s) | QEMU%s (-c %s) | fio %s\n' \
+                    "$n" "$total" "$format" "$op" "$depth" "$cache" "$engine" "$ours" \
+                    "$ours_count" "$qemu" "$qemu_count" "$fio_col" >&2
+                if [ "$multi_format" = 0 ]; then
+                    rows+=("| $op | $depth | $cache | $engine | $ours_med | $qemu_med$mark | $ratio | $fio_col | $fio_ratio |")
+                else
+                    key=$op/$depth/$cache/$engine
+                    vs_raw="-"
+                    if [ "$format" = raw ]; then
+                        raw_rate[$key]=$ours_med
+                    elif [ -n "${raw_rate[$key]:-}" ]; then
+                        vs_raw=$(awk -v a="$ours_med" -v b="${raw_rate[$key]}" 'BEGIN { printf "%.2f", a / b }')
+                    fi
+                    rows+=("| $format | $op | $depth | $cache | $engine | $ours_med | $qemu_med$mark | $ratio | $vs_raw | $fio_col | $fio_ratio |")
+                fi
             done
         done
     done
+done
 done
 
 echo
@@ -315,6 +377,13 @@ if [ "$crash_note" = 1 ]; then
     echo "(crashed: qemu-img died with SIGSEGV in some runs, which were rerun with half the count)"
 fi
 echo
-echo "| op | depth | cache | engine | ours req/s | QEMU req/s | ours/QEMU | fio req/s | ours/fio |"
-echo "|---|---:|---|---|---:|---:|---:|---:|---:|"
+if [ "$multi_format" = 0 ]; then
+    echo "| op | depth | cache | engine | ours req/s | QEMU req/s | ours/QEMU | fio req/s | ours/fio |"
+    echo "|---|---:|---|---|---:|---:|---:|---:|---:|"
+else
+    echo "(qcow2: a fully allocated copy of the file, 64 KiB clusters; qcow2/raw is ours on qcow2 over ours on raw, same case)"
+    echo
+    echo "| format | op | depth | cache | engine | ours req/s | QEMU req/s | ours/QEMU | qcow2/raw | fio req/s | ours/fio |"
+    echo "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|"
+fi
 printf '%s\n' "${rows[@]}"

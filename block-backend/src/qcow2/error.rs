@@ -75,9 +75,6 @@ pub enum Qcow2Error {
     /// The image cannot be opened for writing as it is.
     #[error("cannot open the image for writing: {0}")]
     NotWritable(&'static str),
-    /// The cache mode bypasses the page cache, which the qcow2 driver does not support yet.
-    #[error("cache mode {0} (O_DIRECT) is not supported for qcow2 images yet")]
-    DirectIo(&'static str),
     /// The image has a backing file and the caller did not ask for backing files.
     #[error(
         "the image has backing file {name:?}; ask for it explicitly (Backing::FromImage or \
@@ -123,6 +120,28 @@ pub enum Qcow2Error {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A table entry that would make a write land on the image's own metadata; the image is
+    /// marked corrupt (in memory) and takes no more writes.
+    #[error(
+        "corrupt {table} entry {index}: {value:#018x}: host offset {offset:#x} overlaps the \
+         {metadata}; the image is marked corrupt and takes no more writes"
+    )]
+    MetadataOverlap {
+        /// The table whose entry is at fault ("L1", "L2", "refcount table").
+        table: &'static str,
+        /// The entry's index.
+        index: u64,
+        /// Its value.
+        value: u64,
+        /// The host offset it points at.
+        offset: u64,
+        /// The metadata there ("header", "L1 table", "refcount table", "refcount block",
+        /// "L2 table").
+        metadata: &'static str,
+    },
+    /// Corruption was found earlier while the image was open: writes are refused.
+    #[error("the image was found corrupt while open; it takes no more writes")]
+    FoundCorrupt,
     /// A compressed cluster that does not decompress to a full cluster.
     #[error("compressed cluster at {offset:#x} is corrupt: {reason}")]
     Decompression {

@@ -12,8 +12,16 @@
 //! [`MAX_BACKING_DEPTH`] images deep and loops are refused.
 //!
 //! The file is read and written with `pread`/`pwrite` at host offsets on a [`RawDisk`] that
-//! carries the cache mode, the image locks, the write-cache state and flushes. Cache modes
-//! with `O_DIRECT` (none, directsync) are refused for now: metadata I/O is not aligned.
+//! carries the cache mode, the image locks, the write-cache state and flushes. With the
+//! `O_DIRECT` cache modes (none, directsync) requests that do not meet the file's alignment
+//! (table entries, refcounts, unaligned guest requests) are bounced through aligned buffers
+//! (see `io`).
+//!
+//! Writes never land on the image's own metadata: before a cluster is used as data, or a
+//! table is written, its host range is checked against the header, the L1 table, the
+//! refcount table and blocks and the L2 tables the L1 table names (QEMU's
+//! `overlap-check=cached`, with every L2 table rather than the cached ones). An overlap
+//! fails the request and marks the image corrupt in memory: it takes no more writes.
 //! The asynchronous engines run a qcow2 disk on the thread pool; io_uring for qcow2 is
 //! later work.
 
@@ -22,11 +30,12 @@ pub mod error;
 pub mod header;
 
 mod compress;
+mod io;
 mod write;
 
 use std::collections::HashSet;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub use create::create;
@@ -158,6 +167,12 @@ struct Meta {
     file_end: u64,
     /// Autoclear bits still to clear before the first write.
     header_dirty_autoclear: bool,
+    /// Host clusters of the refcount blocks the refcount table names (read-write images).
+    refblocks: HashSet<u64>,
+    /// Host clusters of the L2 tables the L1 table names (read-write images).
+    l2_tables: HashSet<u64>,
+    /// Set when a write would have overwritten metadata: no more writes.
+    corrupt: bool,
 }
 
 /// A qcow2 image.
@@ -171,6 +186,8 @@ pub struct Qcow2Disk {
     /// The last compressed cluster read (its L2 entry and data), for sequential reads of
     /// pieces of one compressed cluster.
     last_compressed: Mutex<Option<(u64, Vec<u8>)>>,
+    /// Whether the host supports `RWF_NOWAIT` reads.
+    nowait_works: AtomicBool,
 }
 
 impl std::fmt::Debug for Qcow2Disk {
@@ -190,25 +207,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Reads `buf.len()` bytes at `offset`; what lies past the end of the file reads as zeroes.
-fn read_at_full(file: &std::fs::File, mut offset: u64, mut buf: &mut [u8]) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        match file.read_at(buf, offset) {
-            Ok(0) => {
-                buf.fill(0);
-                return Ok(());
-            }
-            Ok(n) => {
-                buf = buf.get_mut(n..).unwrap_or(&mut []);
-                offset = offset.saturating_add(n as u64);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 fn decode_table(bytes: &[u8]) -> Vec<u64> {
@@ -245,9 +243,6 @@ impl Qcow2Disk {
         chain: &mut HashSet<PathBuf>,
     ) -> Result<Qcow2Disk> {
         let q = |e: Qcow2Error| e.at(path);
-        if options.raw.cache.direct() {
-            return Err(q(Qcow2Error::DirectIo(options.raw.cache.name())));
-        }
         enter_chain(path, chain)?;
         let raw = RawDisk::open(path, options.raw)?;
         let file_size = raw.info().size;
@@ -255,7 +250,7 @@ impl Qcow2Disk {
         // The header, its extensions and the backing name lie in the first cluster, at
         // most 2 MiB.
         let mut first = vec![0u8; file_size.min(1 << header::MAX_CLUSTER_BITS) as usize];
-        read_at_full(raw.file(), 0, &mut first)?;
+        io::read(&raw, 0, &mut first)?;
         let header = Header::parse(&first, file_size).map_err(q)?;
         drop(first);
         let cluster_size = header.cluster_size();
@@ -286,7 +281,7 @@ impl Qcow2Disk {
 
         // Bounded by the header checks: at most 32 MiB, inside the file.
         let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
-        read_at_full(raw.file(), header.l1_table_offset, &mut l1_bytes)?;
+        io::read(&raw, header.l1_table_offset, &mut l1_bytes)?;
         let l1 = decode_table(&l1_bytes);
         drop(l1_bytes);
 
@@ -296,11 +291,29 @@ impl Qcow2Disk {
             // Bounded by the header checks: at most 8 MiB, inside the file.
             let mut bytes =
                 vec![0u8; header.refcount_table_clusters as usize * cluster_size as usize];
-            read_at_full(raw.file(), header.refcount_table_offset, &mut bytes)?;
+            io::read(&raw, header.refcount_table_offset, &mut bytes)?;
             decode_table(&bytes)
         };
 
         let backing = open_backing(path, &header, options, chain)?;
+
+        // The metadata clusters writes must not overwrite (only written images need them).
+        let bits = header.cluster_bits;
+        let refblocks = reftable
+            .iter()
+            .map(|&e| e & !0x1ff)
+            .filter(|&b| b != 0)
+            .map(|b| b >> bits)
+            .collect();
+        let l2_tables = if read_only {
+            HashSet::new()
+        } else {
+            l1.iter()
+                .map(|&e| e & OFFSET_MASK)
+                .filter(|&o| o != 0)
+                .map(|o| o >> bits)
+                .collect()
+        };
 
         let info = DiskInfo {
             size: header.size,
@@ -324,8 +337,12 @@ impl Qcow2Disk {
                     .div_ceil(cluster_size)
                     .saturating_mul(cluster_size),
                 header_dirty_autoclear: header.autoclear_features != 0,
+                refblocks,
+                l2_tables,
+                corrupt: false,
             }),
             last_compressed: Mutex::new(None),
+            nowait_works: AtomicBool::new(true),
             header,
             raw,
         })
@@ -393,7 +410,7 @@ impl Qcow2Disk {
             return Ok(index);
         }
         let mut bytes = vec![0u8; self.cluster_size() as usize];
-        read_at_full(self.raw.file(), offset, &mut bytes)?;
+        io::read(&self.raw, offset, &mut bytes)?;
         Ok(meta.l2_cache.insert(offset, decode_table(&bytes)))
     }
 
@@ -514,7 +531,7 @@ impl Qcow2Disk {
         }
         let (offset, len) = self.compressed_range(entry);
         let mut input = vec![0u8; len as usize];
-        read_at_full(self.raw.file(), offset, &mut input)?;
+        io::read(&self.raw, offset, &mut input)?;
         let mut data = vec![0u8; self.cluster_size() as usize];
         compress::decompress(self.header.compression, &input, &mut data, offset)
             .map_err(|e| e.at(&self.path))?;
@@ -556,11 +573,7 @@ impl Qcow2Disk {
         match mapping {
             Mapping::Unallocated => self.read_backing(pos, iovecs, skip, len)?,
             Mapping::Zero => zero_range(iovecs, skip, len as usize),
-            Mapping::Data(host) => {
-                let mut tmp = vec![0u8; len as usize];
-                read_at_full(self.raw.file(), host, &mut tmp)?;
-                copy_into_iovecs(iovecs, skip, &tmp);
-            }
+            Mapping::Data(host) => io::read_iovecs(&self.raw, host, iovecs, skip, len as usize)?,
             Mapping::Compressed(entry) => {
                 let start = (pos & (self.cluster_size() - 1)) as usize;
                 self.with_compressed(entry, |data| {
@@ -734,6 +747,60 @@ impl SyncDisk for Qcow2Disk {
 
     fn stats(&self) -> DiskStats {
         self.raw.stats()
+    }
+
+    fn try_read_nowait(&self, offset: u64, bufs: &[IoBuf<'_>]) -> Option<Result<usize>> {
+        if self.raw.cache_mode().direct() || !self.nowait_works.load(Ordering::Relaxed) {
+            return None;
+        }
+        let len = match request_len(bufs).and_then(|len| {
+            self.info.check_range(offset, len)?;
+            Ok(len)
+        }) {
+            Ok(len) => len,
+            Err(e) => return Some(Err(e)),
+        };
+        // Only a request inside one (sub)cluster whose L2 table is cached: no metadata
+        // I/O here. Anything else takes the blocking path.
+        if offset + len > self.header.size {
+            return None;
+        }
+        let (mapping, span) = {
+            let mut meta = lock(&self.meta);
+            let cluster = offset >> self.header.cluster_bits;
+            let l2_offset = match self.l2_offset(&meta, cluster >> self.header.l2_bits()) {
+                Ok(o) => o,
+                Err(e) => return Some(Err(e)),
+            };
+            if l2_offset == 0 || meta.l2_cache.position(l2_offset).is_none() {
+                return None;
+            }
+            match self.lookup(&mut meta, offset) {
+                Ok(found) => found,
+                Err(e) => return Some(Err(e)),
+            }
+        };
+        if span < len {
+            return None;
+        }
+        let iovecs = IoBuf::as_iovecs(bufs);
+        match mapping {
+            Mapping::Data(host) => {
+                match io::read_nowait(&self.raw, host, iovecs, 0, len as usize) {
+                    Some(true) => Some(Ok(len as usize)),
+                    Some(false) => None,
+                    None => {
+                        self.nowait_works.store(false, Ordering::Relaxed);
+                        None
+                    }
+                }
+            }
+            Mapping::Zero => {
+                zero_range(iovecs, 0, len as usize);
+                Some(Ok(len as usize))
+            }
+            Mapping::Unallocated | Mapping::Compressed(_) => None,
+        }
     }
 }
 

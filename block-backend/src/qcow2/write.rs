@@ -15,8 +15,6 @@
 //! 4. the L2 entry (or L1 entry) is written to point at it;
 //! 5. the old cluster's refcount is decreased.
 
-use std::os::unix::fs::FileExt;
-
 use super::error::Qcow2Error;
 use super::{lock, Meta, Qcow2Disk, COMPRESSED, COPIED, OFFSET_MASK, ZERO};
 use crate::disk::{request_len, SyncDisk};
@@ -25,6 +23,13 @@ use crate::iobuf::{copy_from_iovecs, IoBuf};
 
 /// Whether images may be opened read-write.
 pub(super) const SUPPORTED: bool = true;
+
+/// What a host cluster is about to be written as, for the overlap checks.
+const DATA: &str = "data";
+/// See [`DATA`].
+const L2_TABLE: &str = "L2 table";
+/// See [`DATA`].
+const REFCOUNT_BLOCK: &str = "refcount block";
 
 /// Every subcluster allocated, none zero.
 const ALL_ALLOCATED: u64 = 0xffff_ffff;
@@ -50,9 +55,82 @@ fn refcount_bits(order: u32, index: u64) -> (u64, usize, u32, u64) {
 impl Qcow2Disk {
     /// Writes `data` at a host offset.
     fn write_host(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.raw.file().write_all_at(data, offset)?;
+        super::io::write(&self.raw, offset, data)?;
         self.raw.record_write();
         Ok(())
+    }
+
+    /// The metadata in host cluster `cluster`, if any: the header, the L1 table, the
+    /// refcount table, a refcount block, an L2 table; metadata of kind `own` (what is about
+    /// to be written there) does not count.
+    fn metadata_at(&self, meta: &Meta, cluster: u64, own: &'static str) -> Option<&'static str> {
+        let bits = self.header.cluster_bits;
+        let within = |offset: u64, bytes: u64| {
+            bytes > 0 && (offset >> bits..(offset + bytes).div_ceil(1 << bits)).contains(&cluster)
+        };
+        if cluster == 0 {
+            Some("header")
+        } else if within(
+            self.header.l1_table_offset,
+            u64::from(self.header.l1_size) * 8,
+        ) {
+            Some("L1 table")
+        } else if within(meta.reftable_offset, meta.reftable.len() as u64 * 8) {
+            Some("refcount table")
+        } else if own != REFCOUNT_BLOCK && meta.refblocks.contains(&cluster) {
+            Some(REFCOUNT_BLOCK)
+        } else if own != L2_TABLE && meta.l2_tables.contains(&cluster) {
+            Some(L2_TABLE)
+        } else {
+            None
+        }
+    }
+
+    /// Fails, and marks the image corrupt, if the host range `[offset, offset + len)` that
+    /// entry `index` of `table` (value `value`) points at, to be written as `own`
+    /// ([`DATA`], [`L2_TABLE`], [`REFCOUNT_BLOCK`]), overlaps other metadata.
+    #[allow(clippy::too_many_arguments)]
+    fn check_overlap(
+        &self,
+        meta: &mut Meta,
+        table: &'static str,
+        index: u64,
+        value: u64,
+        offset: u64,
+        len: u64,
+        own: &'static str,
+    ) -> Result<()> {
+        let bits = self.header.cluster_bits;
+        let last = offset.saturating_add(len.max(1) - 1) >> bits;
+        for cluster in offset >> bits..=last {
+            if let Some(metadata) = self.metadata_at(meta, cluster, own) {
+                meta.corrupt = true;
+                let err = Qcow2Error::MetadataOverlap {
+                    table,
+                    index,
+                    value,
+                    offset,
+                    metadata,
+                }
+                .at(&self.path);
+                log::error!("{err}");
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that the host cluster(s) L2 entry `entry` of guest cluster `cluster` points at
+    /// are not metadata, before they are written, copied from or freed.
+    fn check_data_entry(&self, meta: &mut Meta, cluster: u64, entry: u64) -> Result<()> {
+        let (offset, len) = if entry & COMPRESSED != 0 {
+            self.compressed_range(entry)
+        } else if entry & OFFSET_MASK == 0 {
+            return Ok(());
+        } else {
+            (entry & OFFSET_MASK, self.cluster_size())
+        };
+        self.check_overlap(meta, "L2", cluster, entry, offset, len, DATA)
     }
 
     /// Orders the writes before it before the writes after it, on the disk.
@@ -195,6 +273,8 @@ impl Qcow2Disk {
         self.barrier()?;
         meta.reftable = table;
         meta.reftable_offset = start << bits;
+        meta.refblocks
+            .extend((0..new_blocks.len() as u64).map(|k| blocks_start + k));
 
         // The old table's clusters are free now.
         for k in 0..(old_len * 8).div_ceil(cluster_size) {
@@ -246,12 +326,27 @@ impl Qcow2Disk {
                 .at(&self.path));
             }
             block = self.new_refcount_block(meta, table_index)?;
+        } else {
+            let value = meta
+                .reftable
+                .get(table_index as usize)
+                .copied()
+                .unwrap_or(0);
+            self.check_overlap(
+                meta,
+                "refcount table",
+                table_index,
+                value,
+                block,
+                self.cluster_size(),
+                REFCOUNT_BLOCK,
+            )?;
         }
         let (byte, len, shift, mask) = self.refcount_bits(cluster % entries);
         let at = block + byte;
         let mut bytes = [0u8; 8];
         let slot = bytes.get_mut(..len).unwrap_or(&mut []);
-        super::read_at_full(self.raw.file(), at, slot)?;
+        super::io::read(&self.raw, at, slot)?;
         let word = slot.iter().fold(0u64, |w, &b| w << 8 | u64::from(b));
         let value = (word >> shift) & mask;
         let new = value
@@ -297,6 +392,7 @@ impl Qcow2Disk {
         if let Some(e) = meta.reftable.get_mut(table_index as usize) {
             *e = block;
         }
+        meta.refblocks.insert(block >> self.header.cluster_bits);
         if !covers_itself {
             self.refcount_add(meta, block, 1)?;
         }
@@ -353,6 +449,15 @@ impl Qcow2Disk {
                     "shared L2 table (no COPIED flag): writing it is not supported",
                 ));
             }
+            self.check_overlap(
+                meta,
+                "L1",
+                l1_index,
+                l1_entry,
+                offset,
+                self.cluster_size(),
+                L2_TABLE,
+            )?;
             return Ok((self.load_l2(meta, offset)?, offset));
         }
         let new = self.alloc_cluster(meta)?;
@@ -367,6 +472,7 @@ impl Qcow2Disk {
         if let Some(e) = meta.l1.get_mut(l1_index as usize) {
             *e = entry;
         }
+        meta.l2_tables.insert(new >> self.header.cluster_bits);
         let words = (self.cluster_size() / 8) as usize;
         Ok((meta.l2_cache.insert(new, vec![0; words]), new))
     }
@@ -442,6 +548,8 @@ impl Qcow2Disk {
     ) -> Result<()> {
         let (slot, l2_offset) = self.ensure_l2(meta, cluster)?;
         let (entry, bitmap) = self.cached_entry(meta, slot, cluster);
+        // Whatever the entry points at is about to be written, copied or freed.
+        self.check_data_entry(meta, cluster, entry)?;
         let host = entry & OFFSET_MASK;
         let in_place = entry & (COMPRESSED | ZERO) == 0
             && entry & COPIED != 0
@@ -510,6 +618,7 @@ impl Qcow2Disk {
         if old == (entry, bitmap) {
             return Ok(true);
         }
+        self.check_data_entry(meta, cluster, old.0)?;
         self.set_l2_entry(meta, slot, l2_offset, cluster, entry, bitmap)?;
         self.release(meta, old.0);
         Ok(true)
@@ -518,6 +627,9 @@ impl Qcow2Disk {
     /// Clears autoclear feature bits before the first change: this driver keeps none of
     /// the structures they vouch for (bitmaps, a raw external data file) up to date.
     fn prepare_write(&self, meta: &mut Meta) -> Result<()> {
+        if meta.corrupt {
+            return Err(Qcow2Error::FoundCorrupt.at(&self.path));
+        }
         if meta.header_dirty_autoclear {
             self.write_host(88, &0u64.to_be_bytes())?;
             self.barrier()?;
@@ -555,6 +667,23 @@ impl Qcow2Disk {
             let pos = offset + done;
             let in_cluster = pos & (cluster_size - 1);
             let n = (cluster_size - in_cluster).min(end - pos);
+            if let Some(host) = self.in_place_target(&mut meta, pos >> self.header.cluster_bits)? {
+                let at = host + in_cluster;
+                if super::io::writes_directly(&self.raw, at, iovecs, done as usize, n as usize) {
+                    // An allocated cluster of this image only (COPIED), overwritten in
+                    // place: no metadata changes, so the data goes to the file without the
+                    // lock, and writes to different clusters run in parallel. Clusters are
+                    // never reused while the image is open, so the host range stays this
+                    // image's even if a concurrent request moves the guest cluster. Writes
+                    // that need a read-modify-write cycle keep the lock (they serialise).
+                    drop(meta);
+                    super::io::write_iovecs(&self.raw, at, iovecs, done as usize, n as usize)?;
+                    self.raw.record_write();
+                    done += n;
+                    meta = lock(&self.meta);
+                    continue;
+                }
+            }
             // At most one cluster (2 MiB) at a time, whatever the request's size.
             data.resize(n as usize, 0);
             copy_from_iovecs(iovecs, done as usize, &mut data);
@@ -569,6 +698,53 @@ impl Qcow2Disk {
         drop(meta);
         self.finish_write()?;
         Ok(len as usize)
+    }
+
+    /// The host cluster of guest cluster `cluster` if it may be overwritten in place: its
+    /// L2 table and data cluster are allocated, this image's only (COPIED) and checked.
+    fn in_place_target(&self, meta: &mut Meta, cluster: u64) -> Result<Option<u64>> {
+        let l1_index = cluster >> self.header.l2_bits();
+        let l1_entry = meta.l1.get(l1_index as usize).copied().unwrap_or(0);
+        if l1_entry & COPIED == 0 {
+            return Ok(None);
+        }
+        let l2_offset = self.l2_offset(meta, l1_index)?;
+        if l2_offset == 0 {
+            return Ok(None);
+        }
+        self.check_overlap(
+            meta,
+            "L1",
+            l1_index,
+            l1_entry,
+            l2_offset,
+            self.cluster_size(),
+            L2_TABLE,
+        )?;
+        let slot = self.load_l2(meta, l2_offset)?;
+        let (entry, bitmap) = self.cached_entry(meta, slot, cluster);
+        let host = entry & OFFSET_MASK;
+        if entry & (COMPRESSED | ZERO) != 0
+            || entry & COPIED == 0
+            || host == 0
+            || (self.header.extended_l2() && bitmap != ALL_ALLOCATED)
+        {
+            return Ok(None);
+        }
+        self.check_data_entry(meta, cluster, entry)?;
+        self.decode_entry(cluster, entry, bitmap, 0)?;
+        if host
+            .checked_add(self.cluster_size())
+            .is_none_or(|end| end > meta.file_end)
+        {
+            return Err(self.corrupt(
+                "L2",
+                cluster,
+                entry,
+                "data cluster past the end of the file",
+            ));
+        }
+        Ok(Some(host))
     }
 
     pub(super) fn zero_impl(&self, offset: u64, len: u64) -> Result<()> {
