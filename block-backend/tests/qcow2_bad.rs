@@ -8,6 +8,17 @@ use vmkit_block_backend::qcow2::Qcow2Error;
 use vmkit_block_backend::{Backing, Error, IoBuf, Qcow2Disk, Qcow2Options, RawOptions, SyncDisk};
 use vmm_sys_util::tempdir::TempDir;
 
+/// These tests start qemu-img while others open and close images. A process being
+/// started holds copies of the parent's descriptors until it execs, and with them the
+/// image locks of a disk that was just closed; so the tests run one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn qemu_tools() -> bool {
     let found = Command::new("qemu-img").arg("--version").output().is_ok()
         && Command::new("qemu-io").arg("--version").output().is_ok();
@@ -121,6 +132,7 @@ fn read_everything(disk: &dyn SyncDisk) -> Result<(), Error> {
 
 #[test]
 fn truncated_and_foreign_files_are_refused() {
+    let _serial = serial();
     let dir = TempDir::new_with_prefix("/tmp/vmkit-qcow2-bad").unwrap();
     let image = dir.as_path().join("short");
     std::fs::write(&image, b"QFI\xfb\0\0\0\x03").unwrap();
@@ -147,6 +159,7 @@ fn truncated_and_foreign_files_are_refused() {
 
 #[test]
 fn corrupt_table_entries_are_errors_at_read_time() {
+    let _serial = serial();
     if !qemu_tools() {
         return;
     }
@@ -193,6 +206,7 @@ fn corrupt_table_entries_are_errors_at_read_time() {
 
 #[test]
 fn bad_backing_chains_are_refused() {
+    let _serial = serial();
     if !qemu_tools() {
         return;
     }
@@ -275,6 +289,7 @@ fn bad_backing_chains_are_refused() {
 
 #[test]
 fn corrupt_and_dirty_images_open_read_only_only() {
+    let _serial = serial();
     if !qemu_tools() {
         return;
     }
@@ -294,6 +309,7 @@ fn corrupt_and_dirty_images_open_read_only_only() {
 /// fails with an error, never panics.
 #[test]
 fn random_metadata_damage_never_panics() {
+    let _serial = serial();
     if !qemu_tools() {
         return;
     }

@@ -8,6 +8,17 @@ use vmkit_block_backend::qcow2::create;
 use vmkit_block_backend::{CacheMode, IoBuf, Qcow2Disk, Qcow2Options, RawOptions, SyncDisk};
 use vmm_sys_util::tempdir::TempDir;
 
+/// These tests start qemu-img while others open and close images. A process being
+/// started holds copies of the parent's descriptors until it execs, and with them the
+/// image locks of a disk that was just closed; so the tests run one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn qemu_img() -> bool {
     let found = Command::new("qemu-img").arg("--version").output().is_ok();
     if !found {
@@ -142,6 +153,7 @@ fn direct_io_works(dir: &Path) -> bool {
 
 #[test]
 fn cache_none_round_trips() {
+    let _serial = serial();
     let dir = TempDir::new().unwrap();
     if !direct_io_works(dir.as_path()) {
         return;
@@ -152,6 +164,7 @@ fn cache_none_round_trips() {
 
 #[test]
 fn cache_directsync_round_trips() {
+    let _serial = serial();
     let dir = TempDir::new().unwrap();
     if !direct_io_works(dir.as_path()) {
         return;
@@ -162,6 +175,7 @@ fn cache_directsync_round_trips() {
 
 #[test]
 fn qemu_images_with_compressed_clusters_read_with_cache_none() {
+    let _serial = serial();
     let dir = TempDir::new().unwrap();
     if !qemu_img() || !direct_io_works(dir.as_path()) {
         return;

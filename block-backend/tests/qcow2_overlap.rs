@@ -10,6 +10,17 @@ use vmkit_block_backend::qcow2::create;
 use vmkit_block_backend::{IoBuf, Qcow2Disk, Qcow2Options, SyncDisk};
 use vmm_sys_util::tempdir::TempDir;
 
+/// These tests start qemu-img while others open and close images. A process being
+/// started holds copies of the parent's descriptors until it execs, and with them the
+/// image locks of a disk that was just closed; so the tests run one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 const CLUSTER: u64 = 4096;
 const COPIED: u64 = 1 << 63;
 const COMPRESSED: u64 = 1 << 62;
@@ -90,6 +101,7 @@ fn metadata_bytes(path: &Path, l: &Layout) -> Vec<Vec<u8>> {
 
 #[test]
 fn l2_entries_pointing_at_metadata_fail_writes() {
+    let _serial = serial();
     let dir = TempDir::new().unwrap();
     let probe = make(&dir.as_path().join("probe.qcow2"));
     // Standard entries (COPIED, so writable in place), and a compressed one: cluster 0
@@ -143,6 +155,7 @@ fn l2_entries_pointing_at_metadata_fail_writes() {
 
 #[test]
 fn l1_entries_pointing_at_metadata_fail_writes() {
+    let _serial = serial();
     let dir = TempDir::new().unwrap();
     let probe = make(&dir.as_path().join("probe.qcow2"));
     // (An L1 entry pointing at cluster 0 reads as unallocated.)
@@ -171,6 +184,7 @@ fn l1_entries_pointing_at_metadata_fail_writes() {
 
 #[test]
 fn refcount_table_entries_pointing_at_metadata_fail_writes() {
+    let _serial = serial();
     let dir = TempDir::new().unwrap();
     let path = dir.as_path().join("img.qcow2");
     let l = make(&path);
@@ -188,6 +202,7 @@ fn refcount_table_entries_pointing_at_metadata_fail_writes() {
 
 #[test]
 fn good_images_still_take_writes_everywhere() {
+    let _serial = serial();
     let dir = TempDir::new().unwrap();
     let path = dir.as_path().join("img.qcow2");
     make(&path);

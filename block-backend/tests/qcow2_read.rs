@@ -11,6 +11,17 @@ use vmkit_block_backend::{
 };
 use vmm_sys_util::tempdir::TempDir;
 
+/// These tests start qemu-img while others open and close images. A process being
+/// started holds copies of the parent's descriptors until it execs, and with them the
+/// image locks of a disk that was just closed; so the tests run one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn qemu_tools() -> bool {
     let found = Command::new("qemu-img").arg("--version").output().is_ok()
         && Command::new("qemu-io").arg("--version").output().is_ok();
@@ -122,6 +133,7 @@ fn make(dir: &Path, name: &str, options: &str) -> PathBuf {
 
 #[test]
 fn qemu_images_read_back_identically() {
+    let _serial = serial();
     if !qemu_tools() {
         return;
     }
@@ -144,6 +156,7 @@ fn qemu_images_read_back_identically() {
 
 #[test]
 fn images_with_snapshots_read_their_active_layer() {
+    let _serial = serial();
     if !qemu_tools() {
         return;
     }
@@ -168,6 +181,7 @@ fn images_with_snapshots_read_their_active_layer() {
 
 #[test]
 fn compressed_images_read_back_identically() {
+    let _serial = serial();
     if !qemu_tools() {
         return;
     }
@@ -234,6 +248,7 @@ fn compressed_images_read_back_identically() {
 
 #[test]
 fn backing_chains_are_followed_only_when_asked() {
+    let _serial = serial();
     if !qemu_tools() {
         return;
     }

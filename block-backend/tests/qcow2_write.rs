@@ -11,6 +11,17 @@ use vmkit_block_backend::{
 };
 use vmm_sys_util::tempdir::TempDir;
 
+/// These tests start qemu-img while others open and close images. A process being
+/// started holds copies of the parent's descriptors until it execs, and with them the
+/// image locks of a disk that was just closed; so the tests run one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn qemu_tools() -> bool {
     let found = Command::new("qemu-img").arg("--version").output().is_ok()
         && Command::new("qemu-io").arg("--version").output().is_ok();
@@ -118,6 +129,7 @@ fn content(dir: &Path, image: &Path) -> Vec<u8> {
 
 #[test]
 fn created_images_take_writes_that_qemu_reads() {
+    let _serial = serial();
     if !qemu_tools() {
         return;
     }
@@ -153,6 +165,7 @@ fn created_images_take_writes_that_qemu_reads() {
 
 #[test]
 fn qemu_images_take_writes() {
+    let _serial = serial();
     if !qemu_tools() {
         return;
     }
@@ -231,6 +244,7 @@ fn qemu_images_take_writes() {
 
 #[test]
 fn overlays_copy_on_write_from_their_backing_file() {
+    let _serial = serial();
     if !qemu_tools() {
         return;
     }
@@ -275,6 +289,7 @@ fn overlays_copy_on_write_from_their_backing_file() {
 
 #[test]
 fn read_only_and_corrupt_images_refuse_writes() {
+    let _serial = serial();
     if !qemu_tools() {
         return;
     }
@@ -338,6 +353,7 @@ fn run_one(disk: &mut dyn AsyncDisk, request: Request<'_>) -> usize {
 
 #[test]
 fn queues_share_one_image() {
+    let _serial = serial();
     if !qemu_tools() {
         return;
     }
@@ -383,6 +399,7 @@ fn queues_share_one_image() {
 
 #[test]
 fn the_refcount_table_grows() {
+    let _serial = serial();
     if !qemu_tools() {
         return;
     }
@@ -435,6 +452,7 @@ fn the_refcount_table_grows() {
 
 #[test]
 fn threads_write_and_read_at_once() {
+    let _serial = serial();
     if !qemu_tools() {
         return;
     }
