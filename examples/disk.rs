@@ -8,22 +8,21 @@
 //! - `create` and `convert` refuse to overwrite an existing file;
 //! - `convert` follows a qcow2 source's backing chain (the image's own backing file name and
 //!   format) and writes a flattened image, as qemu-img does by default;
-//! - `check` and `map` of a qcow2 image read its metadata straight from the file (header
-//!   through the library's [`Header::parse`], then L1, L2 and refcount tables); `map` shows
-//!   the top image only (unallocated clusters are `present: false`).
+//! - `check` and `map` of a qcow2 image read its metadata straight from the file, through
+//!   the library's [`qcow2::check()`] and [`qcow2::map()`]; `map` shows the top image only
+//!   (unallocated clusters are `present: false`).
 //!
 //! Exit codes: 0 success, 1 an I/O or image error, 2 a usage error; `check` exits like
 //! `qemu-img check`: 2 corruptions, 3 leaks only, 63 for a format without checks.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use vmkit_block_backend::qcow2::{self, Header};
+use vmkit_block_backend::qcow2::{self, MapExtent, Qcow2Error};
 use vmkit_block_backend::{open_sync, Backing, Format, IoBuf, OpenOptions, SyncDisk};
 
 const USAGE: &str = "\
@@ -47,19 +46,10 @@ Commands (qemu-img's flags; the format is never probed, -f defaults to raw):
 FMT is raw or qcow2. -h, --help prints this help.
 ";
 
-/// The largest qcow2 cluster, which bounds what is read to parse a header.
+/// The largest qcow2 cluster.
 const MAX_CLUSTER: u64 = 2 << 20;
 /// Bytes copied per read in `convert`.
 const CONVERT_CHUNK: usize = 1 << 20;
-/// Offset bits 9-55 of L1 and L2 entries.
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-/// Offset bits of refcount table entries.
-const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
-const COPIED: u64 = 1 << 63;
-const COMPRESSED: u64 = 1 << 62;
-const ZERO: u64 = 1;
-/// The most problems `check` lists one by one.
-const MAX_REPORTED: usize = 100;
 
 enum Failure {
     /// Bad command line: exit 2.
@@ -80,6 +70,16 @@ fn error(message: impl Into<String>) -> Failure {
 
 fn io_error(what: &str, path: &Path, e: impl std::fmt::Display) -> Failure {
     error(format!("{what} {}: {e}", path.display()))
+}
+
+/// A failure of the library's qcow2 [`check`](qcow2::check()), [`map`](qcow2::map()) or
+/// [`read_header`](qcow2::read_header); `walk` says what could not walk the metadata.
+fn qcow2_error(path: &Path, e: Qcow2Error, walk: &str) -> Failure {
+    match e {
+        Qcow2Error::Io { what, source } => io_error(&format!("cannot {what}"), path, source),
+        Qcow2Error::Walk(message) => io_error(walk, path, message),
+        e => io_error("not a valid qcow2 image:", path, e),
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -282,100 +282,6 @@ fn cmd_create(args: &[String]) -> Res<ExitCode> {
 }
 
 // ---------------------------------------------------------------------------------------
-// qcow2 metadata, read straight from the file (bounded reads, no panics)
-
-struct Image {
-    path: PathBuf,
-    file: File,
-    file_size: u64,
-    header: Header,
-}
-
-impl Image {
-    fn open(path: &Path) -> Res<Image> {
-        let file = File::open(path).map_err(|e| io_error("cannot open", path, e))?;
-        let file_size = file
-            .metadata()
-            .map_err(|e| io_error("cannot stat", path, e))?
-            .len();
-        let mut buf = vec![0u8; file_size.min(MAX_CLUSTER) as usize];
-        file.read_exact_at(&mut buf, 0)
-            .map_err(|e| io_error("cannot read", path, e))?;
-        let header = Header::parse(&buf, file_size)
-            .map_err(|e| io_error("not a valid qcow2 image:", path, e))?;
-        Ok(Image {
-            path: path.to_path_buf(),
-            file,
-            file_size,
-            header,
-        })
-    }
-
-    fn cluster_size(&self) -> u64 {
-        self.header.cluster_size()
-    }
-
-    /// Reads `len` bytes at `offset`; an error if any of it lies past the end of the file.
-    fn read(&self, offset: u64, len: u64, what: &str) -> Result<Vec<u8>, String> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.file_size && len <= 64 << 20 => {}
-            _ => {
-                return Err(format!(
-                    "{what} at {offset:#x} (+{len:#x}) lies past the end of the file ({:#x})",
-                    self.file_size
-                ))
-            }
-        }
-        let mut buf = vec![0u8; len as usize];
-        self.file
-            .read_exact_at(&mut buf, offset)
-            .map_err(|e| format!("cannot read {what} at {offset:#x}: {e}"))?;
-        Ok(buf)
-    }
-
-    fn l1(&self) -> Result<Vec<u64>, String> {
-        let h = &self.header;
-        let buf = self.read(h.l1_table_offset, u64::from(h.l1_size) * 8, "the L1 table")?;
-        Ok(be64s(&buf))
-    }
-
-    /// Decodes a compressed cluster descriptor: host offset and bytes.
-    fn compressed(&self, entry: u64) -> (u64, u64) {
-        let bits = self.header.cluster_bits;
-        let shift = 62 - (bits - 8);
-        let offset = entry & ((1u64 << shift) - 1);
-        let sectors = ((entry >> shift) & ((1u64 << (bits - 8)) - 1)) + 1;
-        (offset, sectors * 512 - (offset & 511))
-    }
-}
-
-fn be64s(buf: &[u8]) -> Vec<u64> {
-    buf.chunks_exact(8)
-        .map(|c| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(c);
-            u64::from_be_bytes(b)
-        })
-        .collect()
-}
-
-/// The `index`th refcount of a refcount block with `1 << order`-bit entries.
-fn refcount_at(block: &[u8], order: u32, index: u64) -> u64 {
-    let bits = 1u64 << order;
-    if bits < 8 {
-        let per_byte = 8 / bits;
-        let byte = block.get((index / per_byte) as usize).copied().unwrap_or(0);
-        (u64::from(byte) >> ((index % per_byte) * bits)) & ((1 << bits) - 1)
-    } else {
-        let bytes = (bits / 8) as usize;
-        let start = index as usize * bytes;
-        block.get(start..start + bytes).map_or(0, |b| {
-            b.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x))
-        })
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // info
 
 fn human_size(bytes: u64) -> String {
@@ -426,8 +332,7 @@ fn cmd_info(args: &[String]) -> Res<ExitCode> {
             virtual_size = disk.info().size;
         }
         Format::Qcow2 => {
-            let image = Image::open(&path)?;
-            let h = &image.header;
+            let h = &qcow2::read_header(&path).map_err(|e| qcow2_error(&path, e, "info"))?;
             virtual_size = h.size;
             json["cluster-size"] = h.cluster_size().into();
             json["dirty-flag"] = (h.incompatible_features & 1 != 0).into();
@@ -489,207 +394,6 @@ fn cmd_info(args: &[String]) -> Res<ExitCode> {
 // ---------------------------------------------------------------------------------------
 // check
 
-#[derive(Default)]
-struct CheckResult {
-    corruptions: u64,
-    leaks: u64,
-    messages: Vec<String>,
-    allocated_clusters: u64,
-    total_clusters: u64,
-}
-
-impl CheckResult {
-    fn corrupt(&mut self, message: String) {
-        self.corruptions += 1;
-        self.note(format!("ERROR {message}"));
-    }
-
-    fn leak(&mut self, message: String) {
-        self.leaks += 1;
-        self.note(format!("Leaked {message}"));
-    }
-
-    fn note(&mut self, message: String) {
-        if self.messages.len() < MAX_REPORTED {
-            self.messages.push(message);
-        } else if self.messages.len() == MAX_REPORTED {
-            self.messages.push("(more problems not listed)".into());
-        }
-    }
-}
-
-/// References counted while walking the metadata, by cluster index.
-struct Counter<'a> {
-    image: &'a Image,
-    refs: HashMap<u64, u64>,
-}
-
-impl Counter<'_> {
-    /// Counts a reference to each cluster of `offset..offset + len`; says so if it lies
-    /// past the end of the file (the refcount comparison then reports it too).
-    fn add(&mut self, result: &mut CheckResult, offset: u64, len: u64, what: &str) {
-        let cs = self.image.cluster_size();
-        let Some(last) = offset.checked_add(len.max(1) - 1) else {
-            result.corrupt(format!("{what} at {offset:#x}: offset overflows"));
-            return;
-        };
-        if offset >= self.image.file_size {
-            result.corrupt(format!(
-                "{what} at {offset:#x} points past the end of the file ({:#x})",
-                self.image.file_size
-            ));
-        }
-        // Bound the work for absurd lengths: a table is at most 32 MiB.
-        let clusters = (last / cs - offset / cs + 1).min(1 << 16);
-        for k in offset / cs..offset / cs + clusters {
-            *self.refs.entry(k).or_insert(0) += 1;
-        }
-    }
-}
-
-fn check_qcow2(image: &Image) -> Result<CheckResult, String> {
-    let h = &image.header;
-    if h.nb_snapshots != 0 {
-        return Err("images with internal snapshots are not supported by this check".into());
-    }
-    let cs = image.cluster_size();
-    let mut result = CheckResult {
-        total_clusters: h.size.div_ceil(cs),
-        ..Default::default()
-    };
-    let mut counter = Counter {
-        image,
-        refs: HashMap::new(),
-    };
-    counter.add(&mut result, 0, cs, "header");
-
-    // L1 and L2 tables; remember the entries carrying COPIED to check against refcounts.
-    let mut copied_checks: Vec<(u64, bool, String)> = Vec::new();
-    let l1 = image.l1()?;
-    counter.add(
-        &mut result,
-        h.l1_table_offset,
-        u64::from(h.l1_size) * 8,
-        "L1 table",
-    );
-    let entry_size = h.l2_entry_size();
-    for (i, &l1_entry) in l1.iter().enumerate() {
-        let l2_offset = l1_entry & OFFSET_MASK;
-        if l2_offset == 0 {
-            continue;
-        }
-        if l2_offset % cs != 0 {
-            result.corrupt(format!(
-                "L1 entry {i}: L2 table offset {l2_offset:#x} is not cluster aligned"
-            ));
-            continue;
-        }
-        counter.add(&mut result, l2_offset, cs, "L2 table");
-        copied_checks.push((
-            l2_offset,
-            l1_entry & COPIED != 0,
-            format!("L2 table at {l2_offset:#x}"),
-        ));
-        let l2 = match image.read(l2_offset, cs, "L2 table") {
-            Ok(l2) => l2,
-            Err(e) => {
-                result.corrupt(e);
-                continue;
-            }
-        };
-        for (j, entry) in l2.chunks_exact(entry_size as usize).enumerate() {
-            let entry = be64s(&entry[..8])[0];
-            let guest = ((i as u64) << (h.l2_bits() + h.cluster_bits)) + ((j as u64) * cs);
-            if entry & COMPRESSED != 0 {
-                let (offset, len) = image.compressed(entry);
-                counter.add(&mut result, offset, len, "compressed cluster");
-                result.allocated_clusters += 1;
-                continue;
-            }
-            let offset = entry & OFFSET_MASK;
-            if offset == 0 {
-                continue;
-            }
-            if offset % cs != 0 {
-                result.corrupt(format!(
-                    "offset={offset:#x}: data cluster of guest offset {guest:#x} is not \
-                     properly aligned; L2 entry corrupted"
-                ));
-                continue;
-            }
-            result.allocated_clusters += 1;
-            counter.add(&mut result, offset, cs, "data cluster");
-            copied_checks.push((
-                offset,
-                entry & COPIED != 0,
-                format!("data cluster at {offset:#x} (guest offset {guest:#x})"),
-            ));
-        }
-    }
-
-    // The refcount table and blocks, and the stored refcounts.
-    let reftable_len = u64::from(h.refcount_table_clusters) * cs;
-    counter.add(
-        &mut result,
-        h.refcount_table_offset,
-        reftable_len,
-        "refcount table",
-    );
-    let reftable = be64s(&image.read(h.refcount_table_offset, reftable_len, "refcount table")?);
-    let entries = h.refcount_block_entries();
-    let mut stored: HashMap<u64, u64> = HashMap::new();
-    for (i, &e) in reftable.iter().enumerate() {
-        let block = e & REFTABLE_OFFSET_MASK;
-        if block == 0 {
-            continue;
-        }
-        if block % cs != 0 {
-            result.corrupt(format!(
-                "refcount table entry {i}: refcount block offset {block:#x} is not aligned"
-            ));
-            continue;
-        }
-        counter.add(&mut result, block, cs, "refcount block");
-        let data = match image.read(block, cs, "refcount block") {
-            Ok(data) => data,
-            Err(e) => {
-                result.corrupt(e);
-                continue;
-            }
-        };
-        for k in 0..entries {
-            let refcount = refcount_at(&data, h.refcount_order, k);
-            if refcount != 0 {
-                stored.insert(i as u64 * entries + k, refcount);
-            }
-        }
-    }
-
-    let refs = counter.refs;
-    let mut clusters: Vec<u64> = refs.keys().chain(stored.keys()).copied().collect();
-    clusters.sort_unstable();
-    clusters.dedup();
-    for k in clusters {
-        let have = stored.get(&k).copied().unwrap_or(0);
-        let want = refs.get(&k).copied().unwrap_or(0);
-        if have < want {
-            result.corrupt(format!("cluster {k} refcount={have} reference={want}"));
-        } else if have > want {
-            result.leak(format!("cluster {k} refcount={have} reference={want}"));
-        }
-    }
-    for (offset, copied, what) in copied_checks {
-        let refcount = stored.get(&(offset / cs)).copied().unwrap_or(0);
-        if (refcount == 1) != copied {
-            result.corrupt(format!(
-                "OFLAG_COPIED {what}: refcount={refcount}, COPIED flag {}",
-                if copied { "set" } else { "clear" }
-            ));
-        }
-    }
-    Ok(result)
-}
-
 fn cmd_check(args: &[String]) -> Res<ExitCode> {
     let args = parse_args(args, "f", true)?;
     let path = one_file(&args, "check")?;
@@ -702,14 +406,7 @@ fn cmd_check(args: &[String]) -> Res<ExitCode> {
         );
         return Ok(ExitCode::from(63));
     }
-    let image = Image::open(&path)?;
-    let result = match check_qcow2(&image) {
-        Ok(result) => result,
-        Err(e) => {
-            eprintln!("disk: check {}: {e}", path.display());
-            return Ok(ExitCode::FAILURE);
-        }
-    };
+    let result = qcow2::check(&path).map_err(|e| qcow2_error(&path, e, "check"))?;
     let code = if result.corruptions > 0 {
         2
     } else if result.leaks > 0 {
@@ -720,7 +417,7 @@ fn cmd_check(args: &[String]) -> Res<ExitCode> {
     match args.output {
         OutputFormat::Json => {
             let json = serde_json::json!({
-                "filename": image.path.display().to_string(),
+                "filename": path.display().to_string(),
                 "format": "qcow2",
                 "check-errors": 0,
                 "corruptions": result.corruptions,
@@ -774,51 +471,6 @@ fn cmd_check(args: &[String]) -> Res<ExitCode> {
 // ---------------------------------------------------------------------------------------
 // map
 
-/// One range of the guest's view.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Extent {
-    start: u64,
-    length: u64,
-    present: bool,
-    zero: bool,
-    data: bool,
-    compressed: bool,
-    /// The host offset of a data range.
-    offset: Option<u64>,
-}
-
-impl Extent {
-    /// Appends `next` to `self` if they describe one contiguous range.
-    fn merge(&mut self, next: &Extent) -> bool {
-        let same = self.present == next.present
-            && self.zero == next.zero
-            && self.data == next.data
-            && self.compressed == next.compressed
-            && self.start + self.length == next.start
-            && match (self.offset, next.offset) {
-                (None, None) => true,
-                (Some(a), Some(b)) => a + self.length == b,
-                _ => false,
-            };
-        if same {
-            self.length += next.length;
-        }
-        same
-    }
-}
-
-fn push_extent(extents: &mut Vec<Extent>, extent: Extent) {
-    if extent.length == 0 {
-        return;
-    }
-    if let Some(last) = extents.last_mut() {
-        if last.merge(&extent) {
-            return;
-        }
-    }
-    extents.push(extent);
-}
-
 fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
     // SAFETY: lseek on a file descriptor we own; no memory is passed.
     let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
@@ -833,7 +485,7 @@ fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64
     }
 }
 
-fn map_raw(path: &Path) -> Res<Vec<Extent>> {
+fn map_raw(path: &Path) -> Res<Vec<MapExtent>> {
     let file = File::open(path).map_err(|e| io_error("cannot open", path, e))?;
     let size = file
         .metadata()
@@ -848,9 +500,9 @@ fn map_raw(path: &Path) -> Res<Vec<Extent>> {
             .unwrap_or(size)
             .min(size);
         if data > pos {
-            push_extent(
+            MapExtent::push_merged(
                 &mut extents,
-                Extent {
+                MapExtent {
                     start: pos,
                     length: data - pos,
                     present: true,
@@ -868,9 +520,9 @@ fn map_raw(path: &Path) -> Res<Vec<Extent>> {
             .map_err(seek_error)?
             .unwrap_or(size)
             .min(size);
-        push_extent(
+        MapExtent::push_merged(
             &mut extents,
-            Extent {
+            MapExtent {
                 start: data,
                 length: hole.max(data + 1) - data,
                 present: true,
@@ -881,91 +533,6 @@ fn map_raw(path: &Path) -> Res<Vec<Extent>> {
             },
         );
         pos = hole.max(data + 1);
-    }
-    Ok(extents)
-}
-
-fn map_qcow2(path: &Path) -> Res<Vec<Extent>> {
-    let image = Image::open(path)?;
-    let h = &image.header;
-    let cs = image.cluster_size();
-    let l2_span = cs << h.l2_bits();
-    let l1 = image.l1().map_err(|e| io_error("cannot map", path, e))?;
-    let mut extents = Vec::new();
-    let unallocated = |start, length| Extent {
-        start,
-        length,
-        present: false,
-        zero: h.backing_file.is_none(),
-        data: false,
-        compressed: false,
-        offset: None,
-    };
-    for (i, &l1_entry) in l1.iter().enumerate() {
-        let base = i as u64 * l2_span;
-        if base >= h.size {
-            break;
-        }
-        let span = l2_span.min(h.size - base);
-        let l2_offset = l1_entry & OFFSET_MASK;
-        if l2_offset == 0 {
-            push_extent(&mut extents, unallocated(base, span));
-            continue;
-        }
-        let l2 = image
-            .read(l2_offset, cs, "L2 table")
-            .map_err(|e| io_error("cannot map", path, e))?;
-        for (j, entry) in l2.chunks_exact(h.l2_entry_size() as usize).enumerate() {
-            let start = base + j as u64 * cs;
-            if start >= h.size {
-                break;
-            }
-            let length = cs.min(h.size - start);
-            let words = be64s(entry);
-            let e = words[0];
-            // Extended L2: a cluster with no allocated or zero subcluster is unallocated.
-            let bitmap = words.get(1).copied();
-            let extent = if e & COMPRESSED != 0 {
-                Extent {
-                    start,
-                    length,
-                    present: true,
-                    zero: false,
-                    data: true,
-                    compressed: true,
-                    offset: None,
-                }
-            } else if (bitmap.is_none() && e & ZERO != 0)
-                || bitmap.is_some_and(|b| b >> 32 != 0 && b & 0xffff_ffff == 0)
-            {
-                Extent {
-                    start,
-                    length,
-                    present: true,
-                    zero: true,
-                    data: false,
-                    compressed: false,
-                    offset: None,
-                }
-            } else if e & OFFSET_MASK != 0 && bitmap.is_none_or(|b| b & 0xffff_ffff != 0) {
-                Extent {
-                    start,
-                    length,
-                    present: true,
-                    zero: false,
-                    data: true,
-                    compressed: false,
-                    offset: Some(e & OFFSET_MASK),
-                }
-            } else {
-                unallocated(start, length)
-            };
-            push_extent(&mut extents, extent);
-        }
-    }
-    let mapped: u64 = extents.iter().map(|e| e.length).sum();
-    if mapped < h.size {
-        push_extent(&mut extents, unallocated(mapped, h.size - mapped));
     }
     Ok(extents)
 }
@@ -984,7 +551,7 @@ fn cmd_map(args: &[String]) -> Res<ExitCode> {
     let path = one_file(&args, "map")?;
     let extents = match args.format.unwrap_or_default() {
         Format::Raw => map_raw(&path)?,
-        Format::Qcow2 => map_qcow2(&path)?,
+        Format::Qcow2 => qcow2::map(&path).map_err(|e| qcow2_error(&path, e, "cannot map"))?,
     };
     match args.output {
         OutputFormat::Json => {

@@ -164,6 +164,21 @@ pub enum Qcow2Error {
         /// "overflow" or "drop below zero".
         what: &'static str,
     },
+    /// The image file could not be opened, examined or read by [`check`](super::check()),
+    /// [`map`](super::map()) or [`read_header`](super::read_header), which read the file
+    /// directly.
+    #[error("cannot {what} the image: {source}")]
+    Io {
+        /// What was being done: "open", "stat" or "read".
+        what: &'static str,
+        /// The error from the host.
+        source: std::io::Error,
+    },
+    /// Metadata that [`check`](super::check()) or [`map`](super::map()) cannot walk past: a
+    /// table that cannot be read, or (for `check`) internal snapshots. The message says
+    /// which.
+    #[error("{0}")]
+    Walk(String),
     /// An image size that `create` cannot make.
     #[error("cannot create an image of {size} bytes with {cluster_size}-byte clusters: {reason}")]
     BadCreateParameters {

@@ -25,6 +25,7 @@
 //! The asynchronous engines run a qcow2 disk on the thread pool; io_uring for qcow2 is
 //! later work.
 
+pub mod check;
 pub mod create;
 pub mod error;
 pub mod header;
@@ -38,6 +39,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+pub use check::{check, map, read_header, CheckReport, MapExtent};
 pub use create::create;
 pub use error::Qcow2Error;
 pub use header::{CompressionType, Header};
@@ -58,6 +60,8 @@ pub const L2_CACHE_BYTES: u64 = 4 << 20;
 const MAX_DATA_RUN: u64 = 1 << 20;
 /// Offset bits 9-55 of L1 and L2 entries.
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Offset bits 9-63 of refcount table entries.
+const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 /// The cluster's refcount is exactly 1: it may be written in place.
 const COPIED: u64 = 1 << 63;
 /// The L2 entry describes a compressed cluster.
@@ -209,6 +213,18 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// The host range of a compressed cluster's data in an image of `cluster_bits`: (offset,
+/// length), length at most two clusters.
+fn compressed_range(cluster_bits: u32, entry: u64) -> (u64, u64) {
+    // The descriptor splits bits 0-61 at x = 62 - (cluster_bits - 8): the host offset
+    // below x, the number of additional 512-byte sectors above.
+    let x = 62 - (cluster_bits - 8);
+    let offset = entry & ((1u64 << x) - 1);
+    let sectors = ((entry >> x) & ((1u64 << (cluster_bits - 8)) - 1)) + 1;
+    (offset, sectors * 512 - (offset & 511))
+}
+
+/// Big-endian 64-bit table entries.
 fn decode_table(bytes: &[u8]) -> Vec<u64> {
     bytes
         .chunks_exact(8)
@@ -301,7 +317,7 @@ impl Qcow2Disk {
         let bits = header.cluster_bits;
         let refblocks = reftable
             .iter()
-            .map(|&e| e & !0x1ff)
+            .map(|&e| e & REFTABLE_OFFSET_MASK)
             .filter(|&b| b != 0)
             .map(|b| b >> bits)
             .collect();
@@ -510,15 +526,9 @@ impl Qcow2Disk {
         Ok((mapping, to_sub_end))
     }
 
-    /// The host range of a compressed cluster's data: (offset, length), length at most
-    /// two clusters.
+    /// See [`compressed_range`].
     fn compressed_range(&self, entry: u64) -> (u64, u64) {
-        // The descriptor splits bits 0-61 at x = 62 - (cluster_bits - 8): the host offset
-        // below x, the number of additional 512-byte sectors above.
-        let x = 62 - (self.header.cluster_bits - 8);
-        let offset = entry & ((1u64 << x) - 1);
-        let sectors = ((entry >> x) & ((1u64 << (self.header.cluster_bits - 8)) - 1)) + 1;
-        (offset, sectors * 512 - (offset & 511))
+        compressed_range(self.header.cluster_bits, entry)
     }
 
     /// Reads the decompressed compressed cluster of `entry` and passes it to `f`.

@@ -32,14 +32,14 @@ const L2_TABLE: &str = "L2 table";
 const REFCOUNT_BLOCK: &str = "refcount block";
 
 /// Every subcluster allocated, none zero.
-const ALL_ALLOCATED: u64 = 0xffff_ffff;
+pub(super) const ALL_ALLOCATED: u64 = 0xffff_ffff;
 /// Every subcluster zero.
-const ALL_ZERO: u64 = 0xffff_ffff << 32;
+pub(super) const ALL_ZERO: u64 = 0xffff_ffff << 32;
 
 /// Where refcount entry `index` lies in its block for refcounts of `1 << order` bits: its
 /// first byte, its length in bytes, and the shift and mask of the entry in the big-endian
 /// number those bytes form.
-fn refcount_bits(order: u32, index: u64) -> (u64, usize, u32, u64) {
+pub(super) fn refcount_bits(order: u32, index: u64) -> (u64, usize, u32, u64) {
     let bit = index << order;
     let bytes = (1usize << order).div_ceil(8);
     // Sub-byte refcounts fill each byte from its least significant bit (QEMU's layout).
