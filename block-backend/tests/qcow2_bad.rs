@@ -1,45 +1,14 @@
 //! Hostile and damaged qcow2 images: clear errors, never a panic, bounded allocation.
 
+mod qemu;
+use qemu::{p, qemu_tools, run, serial};
+
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use vmkit_block_backend::qcow2::Qcow2Error;
 use vmkit_block_backend::{Backing, Error, IoBuf, Qcow2Disk, Qcow2Options, RawOptions, SyncDisk};
 use vmm_sys_util::tempdir::TempDir;
-
-/// These tests start qemu-img while others open and close images. A process being
-/// started holds copies of the parent's descriptors until it execs, and with them the
-/// image locks of a disk that was just closed; so the tests run one at a time.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn qemu_tools() -> bool {
-    let found = Command::new("qemu-img").arg("--version").output().is_ok()
-        && Command::new("qemu-io").arg("--version").output().is_ok();
-    if !found {
-        eprintln!("SKIPPED: qemu-img/qemu-io are not installed");
-    }
-    found
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 fn options(read_only: bool, backing: Backing) -> Qcow2Options {
     Qcow2Options {

@@ -1,42 +1,14 @@
 //! qcow2 images with the `O_DIRECT` cache modes (none, directsync): unaligned guest requests
 //! and metadata updates are bounced through aligned buffers, and the image stays clean.
 
+mod qemu;
+use qemu::{qemu_tools, run, serial};
+
 use std::path::Path;
-use std::process::Command;
 
 use vmkit_block_backend::qcow2::create;
 use vmkit_block_backend::{CacheMode, IoBuf, Qcow2Disk, Qcow2Options, RawOptions, SyncDisk};
 use vmm_sys_util::tempdir::TempDir;
-
-/// These tests start qemu-img while others open and close images. A process being
-/// started holds copies of the parent's descriptors until it execs, and with them the
-/// image locks of a disk that was just closed; so the tests run one at a time.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn qemu_img() -> bool {
-    let found = Command::new("qemu-img").arg("--version").output().is_ok();
-    if !found {
-        eprintln!("SKIPPED (qemu-img checks): qemu-img is not installed");
-    }
-    found
-}
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn options(cache: CacheMode) -> Qcow2Options {
     Qcow2Options {
@@ -117,20 +89,26 @@ fn round_trip(cache: CacheMode, cluster_size: u64) {
             .unwrap();
         assert!(all == mirror, "{cache:?}: content differs after reopening");
     }
-    if qemu_img() {
-        let out = run(&["check", "-f", "qcow2", image.to_str().unwrap()]);
+    if qemu_tools() {
+        let out = run(
+            "qemu-img",
+            &["check", "-f", "qcow2", image.to_str().unwrap()],
+        );
         assert!(out.contains("No errors were found"), "{out}");
         let raw = dir.as_path().join("mirror.raw");
         std::fs::write(&raw, &mirror).unwrap();
-        run(&[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            image.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ]);
+        run(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                image.to_str().unwrap(),
+                raw.to_str().unwrap(),
+            ],
+        );
     }
 }
 
@@ -177,23 +155,26 @@ fn cache_directsync_round_trips() {
 fn qemu_images_with_compressed_clusters_read_with_cache_none() {
     let _serial = serial();
     let dir = TempDir::new().unwrap();
-    if !qemu_img() || !direct_io_works(dir.as_path()) {
+    if !qemu_tools() || !direct_io_works(dir.as_path()) {
         return;
     }
     let raw = dir.as_path().join("src.raw");
     let data: Vec<u8> = (0..(3u32 << 20)).map(|i| (i / 1000) as u8).collect();
     std::fs::write(&raw, &data).unwrap();
     let image = dir.as_path().join("img.qcow2");
-    run(&[
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        image.to_str().unwrap(),
-    ]);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            image.to_str().unwrap(),
+        ],
+    );
     let disk = Qcow2Disk::open(&image, &options(CacheMode::None)).unwrap();
     let mut back = vec![0u8; data.len() + 7];
     disk.read_vectored(0, &[IoBuf::from_mut_slice(&mut back[7..])])
@@ -204,6 +185,9 @@ fn qemu_images_with_compressed_clusters_read_with_cache_none() {
     disk.write_vectored(70_000, &[IoBuf::from_mut_slice(&mut patch)])
         .unwrap();
     drop(disk);
-    let out = run(&["check", "-f", "qcow2", image.to_str().unwrap()]);
+    let out = run(
+        "qemu-img",
+        &["check", "-f", "qcow2", image.to_str().unwrap()],
+    );
     assert!(out.contains("No errors were found"), "{out}");
 }

@@ -2,6 +2,9 @@
 //! write must fail before it lands there, the metadata must stay intact, and the image must
 //! take no more writes.
 
+mod qemu;
+use qemu::serial;
+
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
@@ -9,17 +12,6 @@ use std::process::Command;
 use vmkit_block_backend::qcow2::create;
 use vmkit_block_backend::{IoBuf, Qcow2Disk, Qcow2Options, SyncDisk};
 use vmm_sys_util::tempdir::TempDir;
-
-/// These tests start qemu-img while others open and close images. A process being
-/// started holds copies of the parent's descriptors until it execs, and with them the
-/// image locks of a disk that was just closed; so the tests run one at a time.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 const CLUSTER: u64 = 4096;
 const COPIED: u64 = 1 << 63;

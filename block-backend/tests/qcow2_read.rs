@@ -1,8 +1,10 @@
 //! qcow2 images made by qemu-img and qemu-io read back byte for byte as
 //! `qemu-img convert -O raw` sees them.
 
+mod qemu;
+use qemu::{p, qemu_tools, run, serial};
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use vmkit_block_backend::qcow2::Qcow2Error;
 use vmkit_block_backend::{
@@ -10,39 +12,6 @@ use vmkit_block_backend::{
     Qcow2Options, RawOptions, Request, SyncDisk,
 };
 use vmm_sys_util::tempdir::TempDir;
-
-/// These tests start qemu-img while others open and close images. A process being
-/// started holds copies of the parent's descriptors until it execs, and with them the
-/// image locks of a disk that was just closed; so the tests run one at a time.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn qemu_tools() -> bool {
-    let found = Command::new("qemu-img").arg("--version").output().is_ok()
-        && Command::new("qemu-io").arg("--version").output().is_ok();
-    if !found {
-        eprintln!("SKIPPED: qemu-img/qemu-io are not installed");
-    }
-    found
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 /// Runs qemu-io commands on a qcow2 image.
 fn qemu_io(image: &Path, commands: &[&str]) {

@@ -1,8 +1,10 @@
 //! Writes to qcow2 images, ours and QEMU's: `qemu-img check` finds no errors or leaks, and
 //! `qemu-img compare` finds the content we wrote.
 
+mod qemu;
+use qemu::{p, qemu_tools, run, serial};
+
 use std::path::Path;
-use std::process::Command;
 
 use vmkit_block_backend::qcow2::{create, Qcow2Error};
 use vmkit_block_backend::{
@@ -10,41 +12,6 @@ use vmkit_block_backend::{
     Qcow2Disk, Qcow2Options, RawOptions, Request, SyncDisk,
 };
 use vmm_sys_util::tempdir::TempDir;
-
-/// These tests start qemu-img while others open and close images. A process being
-/// started holds copies of the parent's descriptors until it execs, and with them the
-/// image locks of a disk that was just closed; so the tests run one at a time.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn qemu_tools() -> bool {
-    let found = Command::new("qemu-img").arg("--version").output().is_ok()
-        && Command::new("qemu-io").arg("--version").output().is_ok();
-    if !found {
-        eprintln!("SKIPPED: qemu-img/qemu-io are not installed");
-    }
-    found
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 fn rw(cache: CacheMode, backing: Backing) -> Qcow2Options {
     Qcow2Options {
