@@ -1,16 +1,22 @@
 //! The exit port: a guest writes its exit status here to end the VM (see `vmkit-guest-abi`).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
 use vmkit_vcpu::{BusDevice, VmControl};
 
 /// The exit device. Byte, word and doubleword writes are zero-extended to the status.
 #[derive(Default)]
 pub struct ExitPort {
-    status: AtomicU32,
-    written: AtomicBool,
-    control: OnceLock<VmControl>,
+    // One lock for both, because the guest may write its status before the VMM connects the
+    // device: whichever of `write` and `connect` comes second must see the other and stop the
+    // VM, which two independent atomics cannot promise.
+    state: Mutex<ExitState>,
+}
+
+#[derive(Default)]
+struct ExitState {
+    status: Option<u32>,
+    control: Option<VmControl>,
 }
 
 impl ExitPort {
@@ -22,16 +28,28 @@ impl ExitPort {
         Self::default()
     }
 
-    /// Connects the device to the VM it stops. Later calls are ignored.
+    fn state(&self) -> std::sync::MutexGuard<'_, ExitState> {
+        // The critical sections only assign plain values, so a poisoned lock holds a consistent
+        // state.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Connects the device to the VM it stops; stops it at once if the guest has already
+    /// written its status (its vCPUs start before this can be called). Later calls are ignored.
     pub fn connect(&self, control: VmControl) {
-        let _ = self.control.set(control);
+        let mut state = self.state();
+        if state.control.is_some() {
+            return;
+        }
+        if state.status.is_some() {
+            control.stop();
+        }
+        state.control = Some(control);
     }
 
     /// The status the guest wrote, if it wrote one.
     pub fn status(&self) -> Option<u32> {
-        self.written
-            .load(Ordering::Acquire)
-            .then(|| self.status.load(Ordering::Relaxed))
+        self.state().status
     }
 }
 
@@ -42,16 +60,18 @@ impl BusDevice for ExitPort {
 
     fn write(&self, offset: u64, data: &[u8]) {
         // Only a write at the port itself counts; the first status written wins.
-        if offset != 0 || self.written.load(Ordering::Acquire) {
+        if offset != 0 {
+            return;
+        }
+        let mut state = self.state();
+        if state.status.is_some() {
             return;
         }
         let mut bytes = [0u8; 4];
         let len = data.len().min(4);
         bytes[..len].copy_from_slice(&data[..len]);
-        self.status
-            .store(u32::from_le_bytes(bytes), Ordering::Relaxed);
-        self.written.store(true, Ordering::Release);
-        if let Some(control) = self.control.get() {
+        state.status = Some(u32::from_le_bytes(bytes));
+        if let Some(control) = &state.control {
             control.stop();
         }
     }
@@ -75,5 +95,33 @@ mod tests {
         let port = ExitPort::new();
         port.write(1, &[1]);
         assert_eq!(port.status(), None);
+    }
+
+    /// A VM with no vCPUs: enough for a real `VmControl`, and needs no /dev/kvm.
+    fn control() -> (vmkit_vcpu::RunningVm, VmControl) {
+        let vm = vmkit_vcpu::RunningVm::start(Vec::new(), Default::default()).unwrap();
+        let control = vm.control();
+        (vm, control)
+    }
+
+    #[test]
+    fn a_status_written_before_connecting_stops_the_vm_on_connect() {
+        let port = ExitPort::new();
+        port.write(0, &[3]);
+        let (_vm, control) = control();
+        assert!(!control.is_stopping());
+        port.connect(control.clone());
+        assert!(control.is_stopping());
+        assert_eq!(port.status(), Some(3));
+    }
+
+    #[test]
+    fn a_status_written_after_connecting_stops_the_vm() {
+        let port = ExitPort::new();
+        let (_vm, control) = control();
+        port.connect(control.clone());
+        assert!(!control.is_stopping());
+        port.write(0, &[0]);
+        assert!(control.is_stopping());
     }
 }
