@@ -1,26 +1,7 @@
 //! The example VM's command line, run as a process: exit codes and error messages.
 
 mod common;
-use common::kvm_available;
-
-use std::path::PathBuf;
-use std::process::{Command, Output};
-
-/// `cargo test` builds the examples next to the test binaries' `deps` directory.
-fn vm_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>");
-    profile_dir.join("examples").join("vm")
-}
-
-fn vm(args: &[&str]) -> Output {
-    let binary = vm_binary();
-    assert!(binary.exists(), "{} not built", binary.display());
-    Command::new(binary).args(args).output().expect("vm runs")
-}
+use common::{kvm_available, vm};
 
 #[test]
 fn default_run_succeeds_and_the_guest_status_becomes_the_exit_code() {

@@ -2,10 +2,10 @@
 //! finds the guest's writes in the image.
 
 mod common;
-use common::kvm_available;
+use common::{kvm_available, vm};
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 const SECTOR: u64 = 512;
 /// The guest writes the pattern to sectors 0..64, discards 64..128 and write-zeroes 128..192.
@@ -17,22 +17,6 @@ const FILL: u8 = 0x77;
 /// The guest's pattern byte at byte `offset` of virtio-blk disk `disk` (guest/src/virtio_blk).
 fn pattern(disk: u32, offset: u64) -> u8 {
     ((offset % 251) as u8) ^ ((offset >> 9) as u8).wrapping_mul(3) ^ (disk as u8).wrapping_mul(0x41)
-}
-
-/// `cargo test` builds the examples next to the test binaries' `deps` directory.
-fn vm_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>");
-    profile_dir.join("examples").join("vm")
-}
-
-fn vm(args: &[&str]) -> Output {
-    let binary = vm_binary();
-    assert!(binary.exists(), "{} not built", binary.display());
-    Command::new(binary).args(args).output().expect("vm runs")
 }
 
 /// A fresh image of [`IMAGE_SIZE`] bytes of [`FILL`] on a real filesystem (O_DIRECT works).

@@ -3,26 +3,12 @@
 //! write a read-only disk.
 
 mod common;
-use common::kvm_available;
+use common::{kvm_available, vm};
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 const IMAGE_SIZE: usize = 1 << 20;
 const FILL: u8 = 0x77;
-
-/// `cargo test` builds the examples next to the test binaries' `deps` directory.
-fn vm(args: &[&str]) -> Output {
-    let exe = std::env::current_exe().expect("test binary path");
-    let binary = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>")
-        .join("examples")
-        .join("vm");
-    assert!(binary.exists(), "{} not built", binary.display());
-    Command::new(binary).args(args).output().expect("vm runs")
-}
 
 fn image(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("iobench-tests");
