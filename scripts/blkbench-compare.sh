@@ -4,8 +4,7 @@
 # prints each case's median requests/s and the ratio ours/QEMU as a markdown table. For
 # cache=none cases it also runs fio (io_uring, O_DIRECT, same depth) as the device's limit.
 # With --formats raw,qcow2 the same cases also run on a fully allocated qcow2 copy of the
-# file (vmkit runs qcow2 on its thread pool, so qcow2 cases use the threads engine only),
-# and a qcow2/raw column compares ours on qcow2 with ours on raw.
+# file, and a qcow2/raw column compares ours on qcow2 with ours on raw.
 #
 # Each tool gets its own request count, calibrated so that one run lasts about --seconds:
 # the tools differ by up to 50x in some cases, and a count that suits one would make the
@@ -26,8 +25,8 @@ usage: scripts/blkbench-compare.sh [options]
   --depths LIST     1,32                        (default both)
   --caches LIST     none,writeback              (default both)
   --engines LIST    io_uring,threads            (default both)
-  --formats LIST    raw,qcow2                   (default raw; qcow2 cases run with
-                    engine threads only, on a fully allocated qcow2 copy of the file)
+  --formats LIST    raw,qcow2                   (default raw; qcow2 cases run on a
+                    fully allocated qcow2 copy of the file)
   --quick           1 round, depth 32, io_uring only (unless given explicitly)
   --no-fio          skip the fio reference runs
   -h, --help        print this help
@@ -280,17 +279,6 @@ prepare() { # OP CACHE
     fi
 }
 
-# The engines a format runs with: qcow2 runs on vmkit's thread pool whatever is asked.
-format_engines() { # FORMAT
-    if [ "$1" = qcow2 ]; then
-        [[ ",$engines," == *,threads,* ]] && echo threads
-    else
-        echo "${engines//,/ }"
-    fi
-}
-if [[ ",$formats," == *,qcow2,* ]] && [[ ",$engines," != *,threads,* ]]; then
-    echo "blkbench-compare: qcow2 runs on the thread pool; add threads to --engines to run it" >&2
-fi
 
 declare -A fio_cache=()
 declare -A raw_rate=()
@@ -299,7 +287,7 @@ crash_note=0
 total=0
 for format in ${formats//,/ }; do
     for op in ${ops//,/ }; do for depth in ${depths//,/ }; do for cache in ${caches//,/ }; do
-        for engine in $(format_engines "$format"); do total=$((total + 1)); done
+        for engine in ${engines//,/ }; do total=$((total + 1)); done
     done; done; done
 done
 n=0
@@ -309,7 +297,7 @@ image_format=$format
 for op in ${ops//,/ }; do
     for depth in ${depths//,/ }; do
         for cache in ${caches//,/ }; do
-            for engine in $(format_engines "$format"); do
+            for engine in ${engines//,/ }; do
                 n=$((n + 1))
                 flags=(-t "$cache" -i "$engine" -d "$depth" -s "$block_size")
                 [ "$op" = write ] && flags+=(-w --pattern "$pattern")

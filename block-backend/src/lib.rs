@@ -16,7 +16,8 @@
 //!   `O_DIRECT` never fails a request for its alignment;
 //! - two engines ([`EngineKind`]): a thread pool doing `preadv2`/`pwritev2`, which serves
 //!   page-cache hits on the submitting thread, and io_uring, which falls back to the pool
-//!   with a logged reason where the host has no io_uring.
+//!   with a logged reason where the host has no io_uring. io_uring runs any disk whose data
+//!   lies in a raw file ([`HostMapping`]): raw images, and qcow2's allocated clusters.
 //!
 //! The format is always given by the caller ([`Format`]), never guessed from the image's
 //! content.
@@ -71,7 +72,7 @@ pub use disk::{
     SECTOR_SIZE,
 };
 pub use engine::pool::ThreadPoolEngine;
-pub use engine::uring::UringEngine;
+pub use engine::uring::{HostMapping, UringEngine};
 pub use error::{Error, Result};
 pub use iobuf::{AlignedBuffer, IoBuf};
 pub use qcow2::{Backing, Qcow2Disk, Qcow2Options};
@@ -238,7 +239,7 @@ pub fn open_sync(path: &Path, options: &OpenOptions) -> Result<Arc<dyn SyncDisk>
 pub fn open(path: &Path, options: &OpenOptions) -> Result<Box<dyn AsyncDisk>> {
     match options.format {
         Format::Raw => engine_for(&open_raw(path, options)?, path, options),
-        Format::Qcow2 => pool_engine_for(open_qcow2(path, options)?, path, options),
+        Format::Qcow2 => engine_for(&open_qcow2(path, options)?, path, options),
     }
 }
 
@@ -253,7 +254,7 @@ pub fn open_queues(
     if options.format == Format::Qcow2 {
         let disk = open_qcow2(path, options)?;
         return (0..count.max(1))
-            .map(|_| pool_engine_for(disk.clone(), path, options))
+            .map(|_| engine_for(&disk, path, options))
             .collect();
     }
     let raw = open_raw(path, options)?;
@@ -270,26 +271,6 @@ fn open_qcow2(path: &Path, options: &OpenOptions) -> Result<Arc<Qcow2Disk>> {
     Ok(Arc::new(Qcow2Disk::open(path, &qcow2)?))
 }
 
-/// The sync engine for a format driver: io_uring serves raw images only so far (qcow2's
-/// metadata lookups run on the pool's threads).
-fn pool_engine_for(
-    disk: Arc<dyn SyncDisk>,
-    path: &Path,
-    options: &OpenOptions,
-) -> Result<Box<dyn AsyncDisk>> {
-    if options.engine == EngineKind::IoUring {
-        log::info!(
-            "{}: io_uring is not implemented for qcow2 yet; using the sync engine",
-            path.display()
-        );
-    }
-    Ok(Box::new(ThreadPoolEngine::new(
-        disk,
-        options.threads,
-        options.max_in_flight,
-    )?))
-}
-
 fn open_raw(path: &Path, options: &OpenOptions) -> Result<Arc<RawDisk>> {
     match options.format {
         Format::Raw => Ok(Arc::new(RawDisk::open(path, options.raw_options())?)),
@@ -299,13 +280,13 @@ fn open_raw(path: &Path, options: &OpenOptions) -> Result<Arc<RawDisk>> {
     }
 }
 
-fn engine_for(
-    raw: &Arc<RawDisk>,
+fn engine_for<D: HostMapping + 'static>(
+    disk: &Arc<D>,
     path: &Path,
     options: &OpenOptions,
 ) -> Result<Box<dyn AsyncDisk>> {
     if options.engine == EngineKind::IoUring {
-        match UringEngine::new(raw.clone(), options.max_in_flight) {
+        match UringEngine::for_disk(disk.clone(), options.max_in_flight) {
             Ok(engine) => return Ok(Box::new(engine)),
             Err(e) => log::warn!(
                 "{}: io_uring is unavailable ({e}); using the sync engine",
@@ -314,7 +295,7 @@ fn engine_for(
         }
     }
     Ok(Box::new(ThreadPoolEngine::new(
-        raw.clone(),
+        disk.clone(),
         options.threads,
         options.max_in_flight,
     )?))

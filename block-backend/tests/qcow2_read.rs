@@ -317,7 +317,7 @@ fn backing_chains_are_followed_only_when_asked() {
     qemu_io(&over_raw, &["write -P 0x21 64k 64k"]);
     check_image(dir, &over_raw, Backing::FromImage);
 
-    // Through the crate's entry points, on the sync engine.
+    // Through the crate's entry points, on io_uring.
     let options = OpenOptions::new()
         .format(Format::Qcow2)
         .read_only(true)
@@ -326,7 +326,7 @@ fn backing_chains_are_followed_only_when_asked() {
     let want = expected(dir, &top);
     assert_eq!(read_all(&*open_sync(&top, &options).unwrap()), want);
     let mut disk = open(&top, &options).unwrap();
-    assert_eq!(disk.engine(), EngineKind::Sync);
+    assert_eq!(disk.engine(), EngineKind::IoUring);
     let mut buf = vec![0u8; 128 << 10];
     let bufs = [IoBuf::from_mut_slice(&mut buf)];
     // SAFETY: `buf` outlives the request, reaped below.

@@ -331,7 +331,7 @@ fn queues_share_one_image() {
         .format(Format::Qcow2)
         .engine(EngineKind::IoUring);
     let mut queues = open_queues(&image, &options, 2).unwrap();
-    assert!(queues.iter().all(|q| q.engine() == EngineKind::Sync));
+    assert!(queues.iter().all(|q| q.engine() == EngineKind::IoUring));
     let mut data = vec![0x5au8; 100_000];
     let bufs = [IoBuf::from_mut_slice(&mut data)];
     let written = run_one(

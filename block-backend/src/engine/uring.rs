@@ -1,6 +1,12 @@
-//! The io_uring engine: reads, writes and flushes of a raw image go to the kernel in one
-//! `io_uring_enter` per batch and complete in any order; the kernel signals a registered
-//! eventfd.
+//! The io_uring engine: reads, writes and flushes go to the kernel in one `io_uring_enter`
+//! per batch and complete in any order; the kernel signals a registered eventfd.
+//!
+//! It runs any disk whose data lies in a raw file at host offsets ([`HostMapping`]): a raw
+//! image, where host and guest offsets are the same, or a qcow2 image, whose allocated
+//! clusters the ring reads and overwrites in place while everything that needs the format
+//! driver (allocation, zero and unallocated clusters, backing files, compressed clusters,
+//! an L2 table not yet cached) runs on the helper threads below through the driver's
+//! [`SyncDisk`] methods.
 //!
 //! Some requests run on a thread pool that shares the eventfd instead:
 //! - discard and write-zeroes, and buffers that need a bounce for `O_DIRECT`;
@@ -41,11 +47,47 @@ enum Operation {
     Flush,
 }
 
+/// A disk whose guest data lies in a [`RawDisk`] at host offsets, so the ring can read and
+/// overwrite allocated data itself. What else a request needs (allocation, zeroes, backing
+/// files, metadata, and reporting errors) the disk's own [`SyncDisk`] methods do, on the
+/// engine's helper threads.
+pub trait HostMapping: SyncDisk {
+    /// The file the data lies in.
+    fn host_file(&self) -> &RawDisk;
+
+    /// The host offset of guest bytes `[offset, offset + len)` if they lie contiguously in
+    /// data the disk has allocated and finding that out needs no I/O; `None` sends the read
+    /// to [`SyncDisk::read_vectored`].
+    fn map_read(&self, offset: u64, len: u64) -> Option<u64>;
+
+    /// The host offset of guest bytes `[offset, offset + len)` if they may be overwritten
+    /// there without any metadata change and finding that out needs no I/O; `None` sends
+    /// the write to [`SyncDisk::write_vectored`].
+    fn map_write(&self, offset: u64, len: u64) -> Option<u64>;
+}
+
+impl HostMapping for RawDisk {
+    fn host_file(&self) -> &RawDisk {
+        self
+    }
+
+    fn map_read(&self, offset: u64, _len: u64) -> Option<u64> {
+        Some(offset)
+    }
+
+    fn map_write(&self, offset: u64, _len: u64) -> Option<u64> {
+        Some(offset)
+    }
+}
+
 /// A request in the ring. Its buffers stay here until it completes, since the kernel may
 /// look at them again when it retries.
 struct Slot {
     token: u64,
     operation: Operation,
+    /// The request's offset on the disk, for handing it to the helper threads.
+    disk_offset: u64,
+    /// The host offset still to transfer at (advanced after a short transfer).
     offset: u64,
     /// Buffers still to transfer (advanced after a short transfer).
     iovecs: Vec<libc::iovec>,
@@ -60,10 +102,12 @@ struct Slot {
 // completion; the engine, and with it the slots, may move between threads.
 unsafe impl Send for Slot {}
 
-/// An [`AsyncDisk`] on io_uring over a [`RawDisk`].
+/// An [`AsyncDisk`] on io_uring over a disk whose data lies in a raw file.
 pub struct UringEngine {
     ring: IoUring,
-    raw: Arc<RawDisk>,
+    /// The disk, for mapping requests to the file (and for the file itself).
+    mapped: Arc<dyn HostMapping>,
+    /// The same disk, for the helper threads and [`AsyncDisk::sync_disk`].
     disk: Arc<dyn SyncDisk>,
     helper: ThreadPoolEngine,
     slots: Vec<Option<Slot>>,
@@ -79,6 +123,8 @@ pub struct UringEngine {
     unsubmitted: usize,
     in_ring: usize,
     max_in_flight: usize,
+    /// Requests put in the ring (rather than on the helper threads), for tests and tools.
+    ring_requests: u64,
 }
 
 // SAFETY: the engine's raw pointers are the buffers of requests in flight (kept valid by
@@ -88,6 +134,15 @@ unsafe impl Send for UringEngine {}
 impl UringEngine {
     /// An engine for `raw` with room for `max_in_flight` requests (at most 4096).
     pub fn new(raw: Arc<RawDisk>, max_in_flight: usize) -> Result<Self> {
+        Self::for_disk(raw, max_in_flight)
+    }
+
+    /// An engine for a disk whose data lies in a raw file (a qcow2 image, say), with room for
+    /// `max_in_flight` requests (at most 4096).
+    pub fn for_disk<D: HostMapping + 'static>(disk: Arc<D>, max_in_flight: usize) -> Result<Self> {
+        let mapped: Arc<dyn HostMapping> = disk.clone();
+        let disk: Arc<dyn SyncDisk> = disk;
+        let raw = mapped.host_file();
         let max_in_flight = max_in_flight.clamp(1, 4096);
         let ring = IoUring::builder()
             .setup_cqsize(2 * max_in_flight.next_power_of_two() as u32)
@@ -101,7 +156,6 @@ impl UringEngine {
         submitter
             .register_eventfd(eventfd.as_raw_fd())
             .map_err(Error::UringSetup)?;
-        let disk: Arc<dyn SyncDisk> = raw.clone();
         let helper_eventfd = eventfd.try_clone().map_err(Error::Io)?;
         let helper = ThreadPoolEngine::with_eventfd(
             disk.clone(),
@@ -113,7 +167,7 @@ impl UringEngine {
         drop(eventfd);
         Ok(UringEngine {
             ring,
-            raw,
+            mapped,
             disk,
             helper,
             slots: (0..max_in_flight).map(|_| None).collect(),
@@ -125,7 +179,14 @@ impl UringEngine {
             unsubmitted: 0,
             in_ring: 0,
             max_in_flight,
+            ring_requests: 0,
         })
+    }
+
+    /// How many requests went into the ring rather than to the helper threads (or completed
+    /// at once).
+    pub fn ring_requests(&self) -> u64 {
+        self.ring_requests
     }
 
     fn entry(slot: &Slot, index: u32) -> squeue::Entry {
@@ -207,11 +268,11 @@ impl UringEngine {
             unsafe { std::slice::from_raw_parts(slot.iovecs.as_ptr().cast(), slot.iovecs.len()) };
         let request = match slot.operation {
             Operation::Read => Request::Read {
-                offset: slot.offset,
+                offset: slot.disk_offset,
                 bufs,
             },
             Operation::Write => Request::Write {
-                offset: slot.offset,
+                offset: slot.disk_offset,
                 bufs,
             },
             Operation::Flush => Request::Flush,
@@ -254,18 +315,19 @@ impl UringEngine {
             return false;
         }
         let transferred = res as usize;
+        let raw = self.mapped.host_file();
         match slot.operation {
             Operation::Flush => {
                 // A flush slot's offset holds the write generation it started at.
-                self.raw.record_sync(slot.offset);
+                raw.record_sync(slot.offset);
                 self.complete(index, Ok(0), completions);
                 false
             }
             _ if transferred >= slot.remaining => {
                 if slot.operation == Operation::Write {
-                    self.raw.record_write();
+                    raw.record_write();
                     if slot.rw_flags & libc::RWF_DSYNC != 0 {
-                        self.raw.record_durable_write();
+                        raw.record_durable_write();
                     }
                 }
                 let len = slot.len;
@@ -308,7 +370,7 @@ impl UringEngine {
 
 impl AsyncDisk for UringEngine {
     fn info(&self) -> DiskInfo {
-        self.raw.info()
+        self.disk.info()
     }
 
     fn engine(&self) -> EngineKind {
@@ -328,30 +390,45 @@ impl AsyncDisk for UringEngine {
     }
 
     unsafe fn push(&mut self, token: u64, request: Request<'_>) -> Result<()> {
-        let info = self.raw.info();
-        check_request(&info, &request)?;
+        check_request(&self.disk.info(), &request)?;
         if self.in_flight() >= self.max_in_flight {
             return Err(Error::QueueFull(self.in_flight()));
         }
-        let (operation, offset, bufs) = match request {
+        let raw = self.mapped.host_file();
+        // (operation, host offset, disk offset, buffers)
+        let (operation, offset, disk_offset, bufs) = match request {
             Request::Read { offset, bufs } => {
-                if let Some(result) = self.raw.try_read_nowait(offset, bufs) {
+                if let Some(result) = self.disk.try_read_nowait(offset, bufs) {
                     self.ready.push(Completion { token, result });
                     return Ok(());
                 }
-                (Operation::Read, offset, bufs)
+                let len = IoBuf::total_len(bufs).unwrap_or(0);
+                match self.mapped.map_read(offset, len) {
+                    Some(host) => (Operation::Read, host, offset, bufs),
+                    // SAFETY: the caller's contract carries over unchanged.
+                    None => return unsafe { self.helper.push(token, request) },
+                }
             }
-            Request::Write { .. } if !self.raw.cache_mode().direct() => {
+            Request::Write { .. } if !raw.cache_mode().direct() => {
                 // SAFETY: the caller's contract carries over unchanged.
                 return unsafe { self.helper.push(token, request) };
             }
-            Request::Write { offset, bufs } => (Operation::Write, offset, bufs),
+            Request::Write { offset, bufs } => {
+                let len = IoBuf::total_len(bufs).unwrap_or(0);
+                match self.mapped.map_write(offset, len) {
+                    Some(host) => (Operation::Write, host, offset, bufs),
+                    // SAFETY: the caller's contract carries over unchanged.
+                    None => return unsafe { self.helper.push(token, request) },
+                }
+            }
             Request::Flush => {
-                if !self.raw.flush_needs_sync() {
-                    if self.raw.cache_mode().ignores_flush() {
-                        self.raw.record_ignored_flush();
+                // Format drivers write their metadata through to the file, so syncing the
+                // file is their flush too.
+                if !raw.flush_needs_sync() {
+                    if raw.cache_mode().ignores_flush() {
+                        raw.record_ignored_flush();
                     } else {
-                        self.raw.record_clean_flush();
+                        raw.record_clean_flush();
                     }
                     self.ready.push(Completion {
                         token,
@@ -360,8 +437,8 @@ impl AsyncDisk for UringEngine {
                     return Ok(());
                 }
                 // The flush covers what was written up to now.
-                let generation = self.raw.write_generation();
-                (Operation::Flush, generation, &[][..])
+                let generation = raw.write_generation();
+                (Operation::Flush, generation, 0, &[][..])
             }
             Request::Discard { .. } | Request::WriteZeroes { .. } => {
                 // SAFETY: the caller's contract carries over unchanged.
@@ -369,7 +446,7 @@ impl AsyncDisk for UringEngine {
             }
         };
         let iovecs = IoBuf::as_iovecs(bufs);
-        if operation != Operation::Flush && !info.is_aligned(offset, iovecs) {
+        if operation != Operation::Flush && !raw.info().is_aligned(offset, iovecs) {
             // SAFETY: as above.
             return unsafe { self.helper.push(token, request) };
         }
@@ -380,13 +457,14 @@ impl AsyncDisk for UringEngine {
         let mut buffers = self.spare_iovecs.pop().unwrap_or_default();
         buffers.extend_from_slice(iovecs);
         let rw_flags = if operation == Operation::Write {
-            self.raw.write_flags()
+            raw.write_flags()
         } else {
             0
         };
         self.slots[index as usize] = Some(Slot {
             token,
             operation,
+            disk_offset,
             offset,
             iovecs: buffers,
             remaining: len,
@@ -394,6 +472,7 @@ impl AsyncDisk for UringEngine {
             rw_flags,
         });
         self.in_ring += 1;
+        self.ring_requests += 1;
         self.queue_entry(index)
     }
 

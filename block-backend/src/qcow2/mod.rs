@@ -22,8 +22,10 @@
 //! refcount table and blocks and the L2 tables the L1 table names (QEMU's
 //! `overlap-check=cached`, with every L2 table rather than the cached ones). An overlap
 //! fails the request and marks the image corrupt in memory: it takes no more writes.
-//! The asynchronous engines run a qcow2 disk on the thread pool; io_uring for qcow2 is
-//! later work.
+//!
+//! Both asynchronous engines run qcow2 disks. With io_uring, reads of allocated clusters
+//! and in-place overwrites go into the ring at their host offsets ([`HostMapping`]); the
+//! rest runs on the engine's helper threads through this driver.
 
 pub mod check;
 pub mod create;
@@ -46,6 +48,7 @@ pub use header::{CompressionType, Header};
 
 use crate::cache::CacheMode;
 use crate::disk::{request_len, DiskInfo, DiskStats, SyncDisk};
+use crate::engine::uring::HostMapping;
 use crate::error::{Error, Result};
 use crate::iobuf::{copy_into_iovecs, IoBuf};
 use crate::raw::{RawDisk, RawOptions};
@@ -181,7 +184,7 @@ struct Meta {
 
 /// A qcow2 image.
 pub struct Qcow2Disk {
-    raw: RawDisk,
+    raw: Arc<RawDisk>,
     path: PathBuf,
     header: Header,
     info: DiskInfo,
@@ -360,7 +363,7 @@ impl Qcow2Disk {
             last_compressed: Mutex::new(None),
             nowait_works: AtomicBool::new(true),
             header,
-            raw,
+            raw: Arc::new(raw),
         })
     }
 
@@ -524,6 +527,23 @@ impl Qcow2Disk {
             (false, false) => Mapping::Unallocated,
         };
         Ok((mapping, to_sub_end))
+    }
+
+    /// Like [`lookup`](Self::lookup), but only where the L2 table is already cached, so that
+    /// no metadata I/O happens on a submitting thread: `None` where it is not.
+    fn cached_lookup(&self, meta: &mut Meta, pos: u64) -> Option<Result<(Mapping, u64)>> {
+        match self.l2_is_cached(meta, pos) {
+            Ok(true) => Some(self.lookup(meta, pos)),
+            Ok(false) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// Whether the L2 table that maps guest byte `pos` is allocated and cached.
+    fn l2_is_cached(&self, meta: &mut Meta, pos: u64) -> Result<bool> {
+        let cluster = pos >> self.header.cluster_bits;
+        let l2_offset = self.l2_offset(meta, cluster >> self.header.l2_bits())?;
+        Ok(l2_offset != 0 && meta.l2_cache.position(l2_offset).is_some())
     }
 
     /// See [`compressed_range`].
@@ -775,20 +795,9 @@ impl SyncDisk for Qcow2Disk {
         if offset + len > self.header.size {
             return None;
         }
-        let (mapping, span) = {
-            let mut meta = lock(&self.meta);
-            let cluster = offset >> self.header.cluster_bits;
-            let l2_offset = match self.l2_offset(&meta, cluster >> self.header.l2_bits()) {
-                Ok(o) => o,
-                Err(e) => return Some(Err(e)),
-            };
-            if l2_offset == 0 || meta.l2_cache.position(l2_offset).is_none() {
-                return None;
-            }
-            match self.lookup(&mut meta, offset) {
-                Ok(found) => found,
-                Err(e) => return Some(Err(e)),
-            }
+        let (mapping, span) = match self.cached_lookup(&mut lock(&self.meta), offset)? {
+            Ok(found) => found,
+            Err(e) => return Some(Err(e)),
         };
         if span < len {
             return None;
@@ -811,6 +820,46 @@ impl SyncDisk for Qcow2Disk {
             }
             Mapping::Unallocated | Mapping::Compressed(_) => None,
         }
+    }
+}
+
+impl HostMapping for Qcow2Disk {
+    fn host_file(&self) -> &RawDisk {
+        &self.raw
+    }
+
+    fn map_read(&self, offset: u64, len: u64) -> Option<u64> {
+        if offset.checked_add(len)? > self.header.size {
+            return None;
+        }
+        // An error is left for the driver's own read to report.
+        match self.cached_lookup(&mut lock(&self.meta), offset)? {
+            Ok((Mapping::Data(host), span)) if span >= len => Some(host),
+            _ => None,
+        }
+    }
+
+    fn map_write(&self, offset: u64, len: u64) -> Option<u64> {
+        let in_cluster = offset & (self.cluster_size() - 1);
+        if self.info.read_only
+            || offset.checked_add(len)? > self.header.size
+            || in_cluster + len > self.cluster_size()
+        {
+            return None;
+        }
+        let mut meta = lock(&self.meta);
+        // The first write clears autoclear bits, and a corrupt image takes no writes: both
+        // are the driver's to do or report.
+        if meta.corrupt || meta.header_dirty_autoclear {
+            return None;
+        }
+        if !self.l2_is_cached(&mut meta, offset).ok()? {
+            return None;
+        }
+        let host = self
+            .in_place_target(&mut meta, offset >> self.header.cluster_bits)
+            .ok()??;
+        Some(host + in_cluster)
     }
 }
 

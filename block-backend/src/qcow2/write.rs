@@ -702,7 +702,7 @@ impl Qcow2Disk {
 
     /// The host cluster of guest cluster `cluster` if it may be overwritten in place: its
     /// L2 table and data cluster are allocated, this image's only (COPIED) and checked.
-    fn in_place_target(&self, meta: &mut Meta, cluster: u64) -> Result<Option<u64>> {
+    pub(super) fn in_place_target(&self, meta: &mut Meta, cluster: u64) -> Result<Option<u64>> {
         let l1_index = cluster >> self.header.l2_bits();
         let l1_entry = meta.l1.get(l1_index as usize).copied().unwrap_or(0);
         if l1_entry & COPIED == 0 {
