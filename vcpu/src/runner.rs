@@ -446,6 +446,14 @@ fn vcpu_thread(position: usize, mut vcpu: Vcpu, buses: &IoBuses, shared: &Shared
             }
         }
     };
+    // What interrupts were left pending, for reports and tests of interrupt delivery.
+    if let Ok(lapic) = vcpu.fd.get_lapic() {
+        // SAFETY: `regs` is a plain byte array; viewing its c_chars as u8 changes nothing.
+        let page = unsafe {
+            std::slice::from_raw_parts(lapic.regs.as_ptr().cast::<u8>(), lapic.regs.len())
+        };
+        counters.set_final_irr(page);
+    }
 }
 
 fn unblock_kick_signal() {

@@ -4,7 +4,7 @@
 //! thread while the VM runs. Guest time is what the host kernel accounted to the vCPU thread
 //! (`/proc/self/task/TID/stat`, field 43), so it agrees with what top and sar show.
 
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Kinds of exit counted separately.
@@ -101,6 +101,18 @@ pub struct VcpuStats {
     pub exit_handling_time: Duration,
     /// Guest time the host kernel accounted to the vCPU thread.
     pub guest_time: Duration,
+    /// The local APIC's interrupt request register when the vCPU thread ended: bit `v` of
+    /// word `v / 32` is set if vector `v` was raised and not yet taken (all zero while the
+    /// vCPU runs). A guest that runs with interrupts off, like the built-in guest, keeps
+    /// every interrupt it was sent here, which shows that an MSI reached it.
+    pub pending_interrupts: [u32; 8],
+}
+
+impl VcpuStats {
+    /// The vectors in [`pending_interrupts`](Self::pending_interrupts), ascending.
+    pub fn pending_vectors(&self) -> impl Iterator<Item = u8> + '_ {
+        (0..=255u8).filter(|&v| self.pending_interrupts[usize::from(v / 32)] >> (v % 32) & 1 != 0)
+    }
 }
 
 /// The live counters of one vCPU, shared between its thread and readers.
@@ -113,6 +125,7 @@ pub struct VcpuCounters {
     exit_handling_ns: AtomicU64,
     // Guest time read by the thread itself just before it ends: afterwards its /proc entry is gone.
     final_guest_time_ns: AtomicU64,
+    final_irr: [AtomicU32; 8],
     finished: std::sync::atomic::AtomicBool,
 }
 
@@ -143,6 +156,18 @@ impl VcpuCounters {
             .fetch_add(time.as_nanos() as u64, Ordering::Relaxed);
     }
 
+    /// Records the LAPIC's IRR (the eight 32-bit words at 0x200, 16 bytes apart, of a
+    /// `KVM_GET_LAPIC` register page) as the vCPU thread ends.
+    pub(crate) fn set_final_irr(&self, lapic_page: &[u8]) {
+        for (i, word) in self.final_irr.iter().enumerate() {
+            let at = 0x200 + 16 * i;
+            if let Some(bytes) = lapic_page.get(at..at + 4) {
+                let value = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+                word.store(value, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Called on the vCPU thread as it ends, while its /proc entry still exists.
     pub(crate) fn finish(&self) {
         let tid = self.thread_id.load(Ordering::Relaxed);
@@ -171,6 +196,7 @@ impl VcpuCounters {
             kvm_run_time: Duration::from_nanos(self.kvm_run_ns.load(Ordering::Relaxed)),
             exit_handling_time: Duration::from_nanos(self.exit_handling_ns.load(Ordering::Relaxed)),
             guest_time,
+            pending_interrupts: std::array::from_fn(|i| self.final_irr[i].load(Ordering::Relaxed)),
         }
     }
 }
@@ -215,6 +241,27 @@ fn parse_guest_time(stat: &str, ticks_per_second: u64) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pending_vectors_come_from_the_irr_words() {
+        let counters = VcpuCounters::new(0);
+        let mut page = [0u8; 1024];
+        // Vector 0x41 is bit 1 of IRR word 2 (at 0x220); vector 0xff is bit 31 of word 7.
+        page[0x220] = 0b10;
+        page[0x270 + 3] = 0x80;
+        counters.set_final_irr(&page);
+        let stats = counters.snapshot();
+        assert_eq!(
+            stats.pending_vectors().collect::<Vec<_>>(),
+            vec![0x41, 0xff]
+        );
+        counters.set_final_irr(&[0u8; 16]);
+        assert_eq!(
+            counters.snapshot().pending_vectors().count(),
+            2,
+            "a short page changes nothing"
+        );
+    }
 
     #[test]
     fn parses_field_43_past_a_command_with_spaces() {
