@@ -442,14 +442,7 @@ impl Qcow2Disk {
             return Ok(None);
         }
         let slot = self.load_l2(meta, l2_offset)?;
-        let index = (cluster & (self.l2_entries() - 1)) as usize;
-        let table = meta.l2_cache.tables.get(slot).map(|t| &t.1);
-        let get = |i: usize| table.and_then(|t| t.get(i)).copied().unwrap_or(0);
-        Ok(Some(if self.header.extended_l2() {
-            (get(index * 2), get(index * 2 + 1))
-        } else {
-            (get(index), 0)
-        }))
+        Ok(Some(self.cached_entry(meta, slot, cluster)))
     }
 
     /// Where guest byte `pos` lives, and how many bytes from it share that mapping (up to
@@ -532,11 +525,17 @@ impl Qcow2Disk {
     /// Like [`lookup`](Self::lookup), but only where the L2 table is already cached, so that
     /// no metadata I/O happens on a submitting thread: `None` where it is not.
     fn cached_lookup(&self, meta: &mut Meta, pos: u64) -> Option<Result<(Mapping, u64)>> {
-        match self.l2_is_cached(meta, pos) {
-            Ok(true) => Some(self.lookup(meta, pos)),
-            Ok(false) => None,
-            Err(e) => Some(Err(e)),
-        }
+        let cluster = pos >> self.header.cluster_bits;
+        let l2_offset = match self.l2_offset(meta, cluster >> self.header.l2_bits()) {
+            Ok(0) => return None,
+            Ok(offset) => offset,
+            Err(e) => return Some(Err(e)),
+        };
+        // One scan of the cache: this runs on the submitting thread for every page-cache hit.
+        let slot = meta.l2_cache.position(l2_offset)?;
+        let (entry, bitmap) = self.cached_entry(meta, slot, cluster);
+        let in_cluster = pos & (self.cluster_size() - 1);
+        Some(self.decode_entry(cluster, entry, bitmap, in_cluster))
     }
 
     /// Whether the L2 table that maps guest byte `pos` is allocated and cached.

@@ -510,7 +510,7 @@ impl Qcow2Disk {
     }
 
     /// The L2 entry and bitmap in cache slot `slot` for guest cluster `cluster`.
-    fn cached_entry(&self, meta: &Meta, slot: usize, cluster: u64) -> (u64, u64) {
+    pub(super) fn cached_entry(&self, meta: &Meta, slot: usize, cluster: u64) -> (u64, u64) {
         let index = (cluster & (self.l2_entries() - 1)) as usize;
         let table = meta.l2_cache.tables.get(slot).map(|t| &t.1);
         let get = |i: usize| table.and_then(|t| t.get(i)).copied().unwrap_or(0);
