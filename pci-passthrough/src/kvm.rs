@@ -22,7 +22,7 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::msix::{MsiMessage, MsiRouting};
+use crate::msix::{MsiAllocator, MsiKind, MsiMessage, MsiRouting};
 use crate::Error;
 
 /// GSIs the in-kernel IOAPIC has pins for; MSI GSIs are allocated after them.
@@ -257,6 +257,20 @@ impl MsiRouting for KvmMsiRouting {
             None => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
         }
     }
+
+    /// The irqfd: a device signalling it raises the vector's GSI, whose route the guest's
+    /// message sets.
+    fn eventfd(&self, vector: u16) -> Option<&EventFd> {
+        self.irqfd(vector)
+    }
+}
+
+/// MSI and MSI-X functions alike get GSIs and irqfds from the router (a VFIO device model
+/// asks once it knows its vector counts).
+impl MsiAllocator for Arc<KvmGsiRouter> {
+    fn allocate(&self, _kind: MsiKind, vectors: u16) -> Result<Arc<dyn MsiRouting>, Error> {
+        Ok(Arc::new(KvmGsiRouter::allocate(self, vectors)?))
+    }
 }
 
 impl Drop for KvmMsiRouting {
@@ -331,6 +345,13 @@ mod tests {
         assert!(router.routes().contains(&(25, Route::Msi(message))));
         assert_eq!(router.routes().len(), 42);
         a.signal(1).unwrap();
+        // The eventfd a VFIO device is handed is the vector's irqfd (KVM consumes its
+        // signals, so compare the descriptors).
+        use std::os::unix::io::AsRawFd;
+        let handed = a.eventfd(1).map(|fd| fd.as_raw_fd());
+        assert_eq!(handed, a.irqfd(1).map(|fd| fd.as_raw_fd()));
+        assert_ne!(handed, a.irqfd(0).map(|fd| fd.as_raw_fd()));
+        assert!(a.eventfd(3).is_none());
         a.update(1, None).unwrap();
         assert_eq!(router.routes().len(), 41);
         assert!(a.update(3, Some(message)).is_err());
@@ -339,6 +360,11 @@ mod tests {
         assert_eq!(router.routes().len(), 40);
         let c = router.allocate(1).unwrap();
         assert_eq!(c.gsi(0), Some(27));
+        // Through the allocator trait: the next free GSIs.
+        let d = MsiAllocator::allocate(&router, MsiKind::MsiX, 2).unwrap();
+        assert!(d.eventfd(1).is_some() && d.eventfd(2).is_none());
+        drop(d);
+        assert_eq!(router.allocate(1).unwrap().gsi(0), Some(28));
         // Legacy interrupts still route: the irqchip accepts a line on GSI 4.
         vm.set_irq_line(4, true).unwrap();
         vm.set_irq_line(4, false).unwrap();

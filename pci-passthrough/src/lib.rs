@@ -1,6 +1,6 @@
-//! vmkit-pci-passthrough: the PCI half of device passthrough — a root complex, type-0
-//! configuration spaces, BAR placement, MSI-X and its KVM routing. VFIO devices come next
-//! and will implement [`PciDevice`] on top of these pieces.
+//! vmkit-pci-passthrough: device passthrough — a root complex, type-0 configuration
+//! spaces, BAR placement, MSI and MSI-X with their KVM routing, and VFIO devices that
+//! implement [`PciDevice`] on top of these pieces.
 //!
 //! - [`PciBus`] is the root complex: a host bridge at 00:00.0 and functions by
 //!   bus/device/function. Guests reach configuration space through [`PciConfigIo`] (ports
@@ -12,7 +12,15 @@
 //!   whatever the guest writes), BAR sizing and a capability list builder.
 //! - [`MsixConfig`] models an MSI-X table and PBA; it tells an [`MsiRouting`] sink which
 //!   vectors deliver which message. [`kvm::KvmGsiRouter`] is that sink for KVM (GSI routes
-//!   plus irqfds), [`EventFdMsiRouting`] one without a hypervisor.
+//!   plus irqfds), [`EventFdMsiRouting`] one without a hypervisor. [`MsiConfig`] does the
+//!   same for an MSI capability.
+//! - [`vfio::VfioPciDevice`] passes a real function through: its configuration space
+//!   virtualized over the device's (BARs, MSI and MSI-X in a shadow, the rest read and
+//!   written through), BARs trapped or mapped into the guest through a
+//!   [`vfio::DirectMapper`] (a KVM memory slot: [`vfio::KvmDirectMapper`]), and interrupts
+//!   handed to the device as the eventfds of the [`MsiRouting`] sinks an [`MsiAllocator`]
+//!   gives. It sits on a [`vfio::VfioBackend`]: kernel VFIO ([`vfio::kernel`]), a vfio-user
+//!   server ([`vfio::user`]), or [`vfio::SimulatedDevice`] for tests.
 //!
 //! Every guest-controlled offset, width and value is accepted without panicking.
 #![deny(missing_docs)]
@@ -22,7 +30,9 @@ pub mod bus;
 pub mod config;
 #[cfg(target_arch = "x86_64")]
 pub mod kvm;
+pub mod msi;
 pub mod msix;
+pub mod vfio;
 
 pub use alloc::{AddressSpace, AddressWindow, BarAllocator, BarWindows};
 pub use bus::{
@@ -30,7 +40,11 @@ pub use bus::{
     PciConfigMmio, PciDevice,
 };
 pub use config::{BarKind, ConfigSpace, PciBar, PciHeader};
-pub use msix::{Delivery, EventFdMsiRouting, MsiMessage, MsiRouting, MsixConfig, MsixLocation};
+pub use msi::{MsiCapability, MsiConfig};
+pub use msix::{
+    Delivery, EventFdMsiAllocator, EventFdMsiRouting, MsiAllocator, MsiKind, MsiMessage,
+    MsiRouting, MsixConfig, MsixLocation,
+};
 
 /// Errors of the PCI layer.
 #[derive(Debug, thiserror::Error)]

@@ -47,6 +47,63 @@ pub trait MsiRouting: Send + Sync {
     /// Raises vector `vector` (for KVM: writes its irqfd). Called only when the vector is
     /// deliverable.
     fn signal(&self, vector: u16) -> std::io::Result<()>;
+    /// The eventfd that raises vector `vector` once its route is set (for KVM: its irqfd),
+    /// for a device that signals on its own: a VFIO device is handed these eventfds, so its
+    /// interrupts reach the guest without passing through the VMM. `None`: the sink has no
+    /// such eventfd, interrupts must go through [`MsiRouting::signal`].
+    fn eventfd(&self, vector: u16) -> Option<&EventFd> {
+        let _ = vector;
+        None
+    }
+}
+
+/// Which message-signalled interrupt mechanism a routing sink serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MsiKind {
+    /// MSI (capability 0x05): up to 32 vectors sharing one address.
+    Msi,
+    /// MSI-X (capability 0x11): a table of up to 2048 vectors.
+    MsiX,
+}
+
+/// Hands out routing sinks, one per function and mechanism: what a device model that learns
+/// its vector count only from the device (VFIO passthrough) asks the VMM for.
+pub trait MsiAllocator {
+    /// A sink for `vectors` vectors of `kind`.
+    fn allocate(&self, kind: MsiKind, vectors: u16) -> Result<Arc<dyn MsiRouting>, Error>;
+}
+
+/// An allocator of [`EventFdMsiRouting`] sinks that keeps what it handed out, so that tests
+/// (or a VMM routing eventfds itself) can find the eventfds of a function's vectors.
+#[derive(Debug, Default)]
+pub struct EventFdMsiAllocator {
+    allocated: Mutex<Vec<(MsiKind, Arc<EventFdMsiRouting>)>>,
+}
+
+impl EventFdMsiAllocator {
+    /// An allocator that has handed out nothing yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The last sink handed out for `kind`.
+    pub fn routing(&self, kind: MsiKind) -> Option<Arc<EventFdMsiRouting>> {
+        let allocated = self.allocated.lock().unwrap_or_else(|e| e.into_inner());
+        allocated
+            .iter()
+            .rev()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, routing)| routing.clone())
+    }
+}
+
+impl MsiAllocator for EventFdMsiAllocator {
+    fn allocate(&self, kind: MsiKind, vectors: u16) -> Result<Arc<dyn MsiRouting>, Error> {
+        let routing = Arc::new(EventFdMsiRouting::new(vectors)?);
+        let mut allocated = self.allocated.lock().unwrap_or_else(|e| e.into_inner());
+        allocated.push((kind, routing.clone()));
+        Ok(routing)
+    }
 }
 
 /// What [`MsixConfig::trigger`] did.
@@ -164,6 +221,12 @@ impl MsixConfig {
     pub fn is_pending(&self, vector: u16) -> bool {
         let (word, bit) = (usize::from(vector) / 64, vector % 64);
         self.pending.get(word).is_some_and(|w| w & (1 << bit) != 0)
+    }
+
+    /// Whether an interrupt on vector `vector` reaches the guest now: MSI-X enabled, neither
+    /// the function nor the vector masked, and its route accepted by the sink.
+    pub fn is_deliverable(&self, vector: u16) -> bool {
+        self.routed_for(vector).is_some()
     }
 
     /// Vector `vector`'s message as the guest wrote it.
@@ -384,6 +447,10 @@ impl MsiRouting for EventFdMsiRouting {
             None => Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
         }
     }
+
+    fn eventfd(&self, vector: u16) -> Option<&EventFd> {
+        self.eventfds.get(usize::from(vector))
+    }
 }
 
 #[cfg(test)]
@@ -495,6 +562,41 @@ mod tests {
         assert_eq!(msix.trigger(65).unwrap(), Delivery::Pending);
         msix.set_control(MSIX_ENABLE);
         assert_eq!(fired(&routing, 65), 1);
+    }
+
+    #[test]
+    fn deliverable_follows_enable_and_masks() {
+        let (mut msix, routing) = setup(2);
+        program(&mut msix, 0, 0xfee0_0000, 0x30, false);
+        assert!(!msix.is_deliverable(0), "MSI-X is disabled");
+        msix.set_control(MSIX_ENABLE);
+        assert!(msix.is_deliverable(0));
+        assert!(!msix.is_deliverable(1), "vector 1 is masked");
+        assert!(!msix.is_deliverable(2), "no vector 2");
+        msix.set_control(MSIX_ENABLE | MSIX_FUNCTION_MASK);
+        assert!(!msix.is_deliverable(0));
+        // The trait's eventfd is the vector's own.
+        let sink: &dyn MsiRouting = routing.as_ref();
+        sink.signal(1).unwrap();
+        assert_eq!(sink.eventfd(1).unwrap().read().unwrap(), 1);
+        assert!(sink.eventfd(2).is_none());
+    }
+
+    #[test]
+    fn allocator_keeps_the_sinks_it_hands_out() {
+        let allocator = EventFdMsiAllocator::new();
+        assert!(allocator.routing(MsiKind::MsiX).is_none());
+        let msix = allocator.allocate(MsiKind::MsiX, 3).unwrap();
+        let msi = allocator.allocate(MsiKind::Msi, 1).unwrap();
+        msix.signal(2).unwrap();
+        let kept = allocator.routing(MsiKind::MsiX).unwrap();
+        assert_eq!(fired(&kept, 2), 1);
+        assert!(allocator
+            .routing(MsiKind::Msi)
+            .unwrap()
+            .eventfd(1)
+            .is_none());
+        assert!(msi.eventfd(0).is_some());
     }
 
     #[test]
