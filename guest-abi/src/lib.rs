@@ -40,6 +40,8 @@
 #![no_std]
 #![deny(missing_docs)]
 
+pub mod testdev;
+
 /// `BootInfo::magic`: "VMKITBI1" in little-endian bytes.
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"VMKITBI1");
 /// The version of the [`BootInfo`] layout this crate describes. Fields are only ever appended;

@@ -1,5 +1,15 @@
 //! Helpers shared by the root integration tests.
 
+// Each test binary compiles this module and uses a part of it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
 /// Whether /dev/kvm can be opened; says so on stderr when it cannot, so a skipped test is seen.
 pub fn kvm_available() -> bool {
     let ok = kvm_ioctls::Kvm::new().is_ok();
@@ -14,23 +24,30 @@ pub fn kvm_available() -> bool {
 /// up the whole test run.
 pub const VM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
-/// Runs the example VM (`cargo test` builds it beside the test binaries' `deps` directory)
-/// with `args` and returns its output; panics if it runs longer than [`VM_TIMEOUT`].
-#[allow(dead_code)] // Not every test binary runs the VM as a process.
-pub fn vm(args: &[&str]) -> std::process::Output {
+/// How long the test device server may take to start listening.
+pub const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The example program `name`, which `cargo test` builds beside the test binaries' `deps`
+/// directory.
+pub fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let binary = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("target/<profile>")
         .join("examples")
-        .join("vm");
+        .join(name);
     assert!(binary.exists(), "{} not built", binary.display());
-    run_with_timeout(std::process::Command::new(binary).args(args), VM_TIMEOUT)
+    binary
+}
+
+/// Runs the example VM with `args` and returns its output; panics if it runs longer than
+/// [`VM_TIMEOUT`].
+pub fn vm(args: &[&str]) -> std::process::Output {
+    run_with_timeout(Command::new(example("vm")).args(args), VM_TIMEOUT)
 }
 
 /// Runs `command` to its end with its output captured, killing it after `timeout`.
-#[allow(dead_code)]
 pub fn run_with_timeout(
     command: &mut std::process::Command,
     timeout: std::time::Duration,
@@ -74,5 +91,70 @@ pub fn run_with_timeout(
         status,
         stdout: stdout.join().expect("stdout reader"),
         stderr: stderr.join().expect("stderr reader"),
+    }
+}
+
+/// A running `vfio-user-device` (examples/vfio-user-device.rs, the DMA test device) on a
+/// socket in its own temporary directory; killed and cleaned up on drop.
+pub struct DeviceServer {
+    /// The server process.
+    pub child: Child,
+    dir: PathBuf,
+    /// Its socket.
+    pub socket: PathBuf,
+}
+
+impl DeviceServer {
+    /// Starts a server and waits until it listens.
+    pub fn start() -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "vmkit-vfio-user-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create the test directory");
+        let socket = dir.join("device.sock");
+        let mut child = Command::new(example("vfio-user-device"))
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start vfio-user-device");
+        // Forward its stderr line by line (draining it so it never blocks on a full pipe).
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (lines, received) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[server] {line}");
+                let _ = lines.send(line);
+            }
+        });
+        let expected = format!("vfio-user-device: listening on {}", socket.display());
+        let mut server = DeviceServer { child, dir, socket };
+        match received.recv_timeout(START_TIMEOUT) {
+            Ok(line) => assert_eq!(line, expected),
+            Err(_) => panic!(
+                "vfio-user-device did not start listening within {START_TIMEOUT:?}: {:?}",
+                server.child.try_wait()
+            ),
+        }
+        assert!(server.socket.exists());
+        assert!(server.child.try_wait().expect("poll the server").is_none());
+        server
+    }
+
+    /// Kills the server and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for DeviceServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
