@@ -5,7 +5,8 @@ use core::sync::atomic::{AtomicU16, Ordering};
 /// The exit device's I/O port: the contract's default until `BootInfo` says otherwise.
 static PORT: AtomicU16 = AtomicU16::new(vmkit_guest_abi::EXIT_PORT);
 
-/// Exit statuses of the built-in guest (also documented in README.md and the VMM's docs).
+/// Exit statuses of the built-in guest (also documented in README.md and in the VMM's docs,
+/// `src/builtin_guest.rs` of the root crate, which list them for users).
 pub mod status {
     /// Everything passed.
     pub const SUCCESS: u32 = vmkit_guest_abi::EXIT_SUCCESS;
@@ -27,6 +28,11 @@ pub mod status {
     /// A benchmark request failed: a status other than OK, a wrong used length, a descriptor
     /// that was not in flight, or no completion within 10 s.
     pub const IOBENCH_IO: u32 = 8;
+    /// A DMA test device check failed (a BAR or capability that is not usable, a wrong
+    /// register, signature or MSI-X readback, wrong DMA data or checksum, an out-of-RAM DMA
+    /// that was not refused, a completion count off, no completion within 2 s, no free
+    /// memory for the buffers).
+    pub const TESTDEV: u32 = 9;
     /// The boot information block (or the vCPU index) is invalid.
     pub const BAD_BOOT_INFO: u32 = 0xfe;
     /// The guest panicked.

@@ -12,8 +12,10 @@ mod cpu;
 mod exit;
 mod io;
 mod mem;
+mod pci;
 mod serial;
 mod sync;
+mod testdev;
 mod virtio_blk;
 mod workloads;
 
@@ -153,6 +155,8 @@ fn boot_cpu(info: &'static BootInfo) -> ! {
             virtio_blk::check_all(info, info.args());
         }
     }
+    // After the disks, which are reset by now: the DMA buffer reuses their free memory.
+    testdev::check_all(info);
 
     if args.touch_mib > 0 {
         if let Err(error) = workloads::touch(info, args.touch_mib) {

@@ -1,5 +1,5 @@
-//! virtio-pci (modern, virtio 1.2 section 4.1) found by enumerating PCI bus 0 through the
-//! configuration ports (mechanism #1: address at 0xCF8, data at 0xCFC).
+//! virtio-pci (modern, virtio 1.2 section 4.1) found by enumerating PCI bus 0 (see
+//! [`crate::pci`] for configuration access).
 //!
 //! The driver walks the function's capability list for the virtio structures (common
 //! configuration, notifications, device configuration) and reaches them in BAR memory,
@@ -8,12 +8,8 @@
 
 use core::arch::asm;
 
-use crate::io::{inl, outl};
-
-/// The configuration address port.
-const CONFIG_ADDRESS: u16 = 0xcf8;
-/// The configuration data port.
-const CONFIG_DATA: u16 = 0xcfc;
+pub use crate::pci::Function;
+use crate::pci::COMMAND_MEMORY;
 
 /// Red Hat's virtio vendor ID.
 pub const VENDOR_VIRTIO: u16 = 0x1af4;
@@ -22,10 +18,6 @@ pub const DEVICE_BLOCK: u16 = 0x1042;
 
 /// `MSI-X` "no vector": the device raises no interrupt for this queue or event.
 const NO_VECTOR: u16 = 0xffff;
-/// Command register: respond to memory accesses.
-const COMMAND_MEMORY: u32 = 1 << 1;
-/// Status register: the capability list is present.
-const STATUS_CAPABILITIES: u32 = 1 << 20;
 /// The vendor-specific capability ID virtio uses for its structures.
 const CAP_VENDOR: u8 = 0x09;
 
@@ -55,53 +47,9 @@ mod common {
     pub const QUEUE_DEVICE: u64 = 0x30;
 }
 
-/// A function on bus 0.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Function {
-    /// Device number, 0-31.
-    pub device: u8,
-}
-
-impl Function {
-    fn address(self, register: u8) -> u32 {
-        (1 << 31) | (u32::from(self.device) << 11) | u32::from(register & 0xfc)
-    }
-
-    /// Reads the configuration dword at `register` (a multiple of 4).
-    pub fn read32(self, register: u8) -> u32 {
-        // SAFETY: configuration mechanism #1: selecting an address and reading the data
-        // port only reads configuration space.
-        unsafe {
-            outl(CONFIG_ADDRESS, self.address(register));
-            inl(CONFIG_DATA)
-        }
-    }
-
-    /// Writes the configuration dword at `register`.
-    fn write32(self, register: u8, value: u32) {
-        // SAFETY: the driver owns this function; it writes the command register only.
-        unsafe {
-            outl(CONFIG_ADDRESS, self.address(register));
-            outl(CONFIG_DATA, value);
-        }
-    }
-
-    fn read8(self, register: u8) -> u8 {
-        (self.read32(register) >> (8 * (register & 3))) as u8
-    }
-
-    /// The vendor and device IDs, or `None` for an absent function (all ones).
-    pub fn ids(self) -> Option<(u16, u16)> {
-        let id = self.read32(0);
-        (id != u32::MAX).then_some((id as u16, (id >> 16) as u16))
-    }
-}
-
 /// The virtio-blk functions on bus 0, in device-number order.
 pub fn block_functions() -> impl Iterator<Item = Function> {
-    (0..32u8)
-        .map(|device| Function { device })
-        .filter(|f| f.ids() == Some((VENDOR_VIRTIO, DEVICE_BLOCK)))
+    crate::pci::find_functions(VENDOR_VIRTIO, DEVICE_BLOCK)
 }
 
 /// Why a function could not be used.
@@ -135,71 +83,52 @@ pub struct VirtioPci {
 
 /// The guest-physical base of memory BAR `bar`, if it is one and is placed below 4 GiB.
 fn bar_base(function: Function, bar: u8) -> Result<u64, PciError> {
-    if bar > 5 {
-        return Err(PciError::Bar(bar));
+    match function.memory_bar(bar) {
+        Ok(memory) if memory.base >> 32 == 0 => Ok(memory.base),
+        _ => Err(PciError::Bar(bar)),
     }
-    let low = function.read32(0x10 + 4 * bar);
-    if low & 1 != 0 {
-        return Err(PciError::Bar(bar));
-    }
-    let high = if low & 0b110 == 0b100 && bar < 5 {
-        function.read32(0x10 + 4 * (bar + 1))
-    } else {
-        0
-    };
-    let base = (u64::from(high) << 32) | u64::from(low & !0xf);
-    if base == 0 || high != 0 {
-        return Err(PciError::Bar(bar));
-    }
-    Ok(base)
 }
 
 impl VirtioPci {
     /// Finds the virtio structures of `function` and turns on memory decoding.
     pub fn probe(function: Function) -> Result<VirtioPci, PciError> {
-        let command_status = function.read32(0x04);
-        if command_status & STATUS_CAPABILITIES == 0 {
+        if !function.has_capabilities() {
             return Err(PciError::Missing("capability list"));
         }
-        function.write32(0x04, (command_status & 0xffff) | COMMAND_MEMORY);
+        function.enable(COMMAND_MEMORY);
 
         let (mut common, mut notify, mut device_config) = (None, None, None);
         let mut notify_multiplier = 0;
-        let mut pointer = function.read8(0x34) & 0xfc;
-        // At most 48 capabilities fit in the 192 bytes after the header: a bound on loops.
-        for _ in 0..48 {
-            if pointer < 0x40 {
-                break;
+        for capability in function.capabilities() {
+            // A virtio capability is 16 bytes (20 for notifications); one that would run
+            // past the end of configuration space is not one.
+            let pointer = capability.offset;
+            if capability.id != CAP_VENDOR || pointer > 0xff - 20 {
+                continue;
             }
-            let header = function.read32(pointer);
-            let id = header as u8;
-            let next = (header >> 8) as u8 & 0xfc;
-            if id == CAP_VENDOR {
-                let kind = (header >> 24) as u8;
-                let bar = function.read8(pointer + 4);
-                let offset = function.read32(pointer + 8);
-                let length = function.read32(pointer + 12);
-                let place = |what| -> Result<u64, PciError> {
-                    let base = bar_base(function, bar)?;
-                    let start = base + u64::from(offset);
-                    if start + u64::from(length) > 1 << 32 {
-                        return Err(PciError::Outside(what));
-                    }
-                    Ok(start)
-                };
-                match kind {
-                    cfg_type::COMMON if common.is_none() => common = Some(place("common")?),
-                    cfg_type::NOTIFY if notify.is_none() => {
-                        notify = Some(place("notify")?);
-                        notify_multiplier = function.read32(pointer + 16);
-                    }
-                    cfg_type::DEVICE if device_config.is_none() => {
-                        device_config = Some(place("device configuration")?)
-                    }
-                    _ => {}
+            let kind = function.read8(pointer + 3);
+            let bar = function.read8(pointer + 4);
+            let offset = function.read32(pointer + 8);
+            let length = function.read32(pointer + 12);
+            let place = |what| -> Result<u64, PciError> {
+                let base = bar_base(function, bar)?;
+                let start = base + u64::from(offset);
+                if start + u64::from(length) > 1 << 32 {
+                    return Err(PciError::Outside(what));
                 }
+                Ok(start)
+            };
+            match kind {
+                cfg_type::COMMON if common.is_none() => common = Some(place("common")?),
+                cfg_type::NOTIFY if notify.is_none() => {
+                    notify = Some(place("notify")?);
+                    notify_multiplier = function.read32(pointer + 16);
+                }
+                cfg_type::DEVICE if device_config.is_none() => {
+                    device_config = Some(place("device configuration")?)
+                }
+                _ => {}
             }
-            pointer = next;
         }
         Ok(VirtioPci {
             common: common.ok_or(PciError::Missing("common configuration"))?,
