@@ -104,6 +104,12 @@ impl EntryState {
         (sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer) = self.control;
         vcpu.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
         vcpu.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))?;
+        // A flat program cannot enable its local APIC (the SVR is CPL0's), and a disabled
+        // APIC drops fixed interrupts: enable it, so an MSI sent to this vCPU is latched in
+        // the IRR. With interrupts off the program never takes it; the host can see it.
+        let mut lapic = vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
+        super::regs::software_enable_lapic(&mut lapic);
+        vcpu.set_lapic(&lapic).map_err(kvm("KVM_SET_LAPIC"))?;
         if self.runnable {
             let state = kvm_mp_state {
                 mp_state: KVM_MP_STATE_RUNNABLE,

@@ -22,6 +22,8 @@ const MISC_ENABLE_FAST_STRING: u64 = 1;
 const MTRR_ENABLE_WRITEBACK: u64 = (1 << 11) | 6;
 
 /// LAPIC register offsets and delivery modes.
+const APIC_SPURIOUS_VECTOR: usize = 0xf0;
+const APIC_SOFTWARE_ENABLE: u32 = 1 << 8;
 const APIC_LVT_LINT0: usize = 0x350;
 const APIC_LVT_LINT1: usize = 0x360;
 const APIC_MODE_MASK: u32 = 0x700;
@@ -98,6 +100,12 @@ fn set_lapic_register(lapic: &mut kvm_lapic_state, offset: usize, value: u32) {
     for (i, byte) in value.to_le_bytes().into_iter().enumerate() {
         lapic.regs[offset + i] = byte as _;
     }
+}
+
+/// Sets the spurious-interrupt vector register's APIC software enable bit (and the spurious
+/// vector to 0xff), as an OS does when it takes over its local APIC.
+pub(crate) fn software_enable_lapic(lapic: &mut kvm_lapic_state) {
+    set_lapic_register(lapic, APIC_SPURIOUS_VECTOR, APIC_SOFTWARE_ENABLE | 0xff);
 }
 
 fn set_lvt_mode(lapic: &mut kvm_lapic_state, offset: usize, mode: u32) {
