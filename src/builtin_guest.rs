@@ -37,6 +37,9 @@
 /// | 4 | `touch=K` (or `spin`'s counters) does not fit in the free memory |
 /// | 5 | a virtio-blk device could not be set up (`error: virtio-blk N: ...`) |
 /// | 6 | a virtio-blk check failed: I/O status, data, ID or a 10 s timeout (`error: virtio-blk N: ...`) |
+/// | 7 | `iobench` cannot run as asked (`error: iobench: ...`) |
+/// | 8 | an `iobench` request failed (`error: iobench: ...`) |
+/// | 9 | a check of the DMA test device failed (`error: testdev BB:DD.F: ...`) |
 /// | 0xfe | invalid boot information (or vCPU index) |
 /// | 0xff | the guest panicked (the message is on the console) |
 pub const ELF: &[u8] = include_bytes!(env!("VMKIT_BUILTIN_GUEST_PATH"));

@@ -6,7 +6,7 @@ use vmkit_block_backend::{CacheMode, EngineKind, Format};
 use vmkit_memory::Backing;
 
 use crate::devices::virtio_blk::{MAX_QUEUES, MAX_SERIAL_BYTES};
-use crate::devices::{DiskConfig, DiskTransport};
+use crate::devices::{DiskConfig, DiskTransport, VfioConfig};
 use crate::program::Program;
 use crate::vmm::VmConfig;
 
@@ -34,6 +34,10 @@ options of run:
                        queues 1 to 32 (default 1). The built-in guest tests every disk:
                        it overwrites sectors 0-191 of a writable image
   --transport KIND     the disks' transport: mmio (default) or pci (virtio-pci, MSI-X)
+  --vfio SYSFS_PATH    pass a host PCI device through with VFIO, e.g.
+                       /sys/bus/pci/devices/0000:01:00.0 (bound to vfio-pci; repeatable)
+  --vfio-user SOCKET   attach the PCI device a vfio-user server serves on SOCKET
+                       (repeatable); guest RAM is then a memfd, which the server maps
 ";
 
 /// What the command line asks for.
@@ -82,6 +86,7 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
         ..VmConfig::default()
     };
     let mut json = false;
+    let mut backing_given = false;
     while let Some(flag) = args.next() {
         let mut value = || {
             args.next()
@@ -99,6 +104,7 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
             }
             "--memory" => config.memory = parse_size(value()?)?,
             "--backing" => {
+                backing_given = true;
                 config.backing = match value()?.as_str() {
                     "anonymous" | "anon" => Backing::Anonymous,
                     "memfd" => Backing::SharedMemfd,
@@ -127,7 +133,26 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
                     }
                 }
             }
+            "--vfio" => config
+                .vfio
+                .push(VfioConfig::Kernel(PathBuf::from(value()?))),
+            "--vfio-user" => config.vfio.push(VfioConfig::User(PathBuf::from(value()?))),
             other => return Err(UsageError(format!("unknown option '{other}'"))),
+        }
+    }
+    if config
+        .vfio
+        .iter()
+        .any(|device| matches!(device, VfioConfig::User(_)))
+    {
+        // A vfio-user server reaches guest RAM by mapping the file behind it.
+        if !backing_given {
+            config.backing = Backing::SharedMemfd;
+        } else if config.backing != Backing::SharedMemfd {
+            return Err(UsageError(
+                "--vfio-user needs guest RAM in a memfd: use --backing memfd (or leave it out)"
+                    .into(),
+            ));
         }
     }
     config.echo_serial = !json;
@@ -288,6 +313,28 @@ mod tests {
     }
 
     #[test]
+    fn vfio_devices() {
+        let Ok(Command::Run { config, .. }) = parse(&args(
+            "--vfio /sys/bus/pci/devices/0000:01:00.0 --vfio-user /tmp/dev.sock",
+        )) else {
+            panic!("expected run");
+        };
+        assert_eq!(
+            config.vfio,
+            vec![
+                VfioConfig::Kernel("/sys/bus/pci/devices/0000:01:00.0".into()),
+                VfioConfig::User("/tmp/dev.sock".into()),
+            ]
+        );
+        // vfio-user servers map guest RAM: it becomes a memfd unless the user chose otherwise.
+        assert_eq!(config.backing, Backing::SharedMemfd);
+        let Ok(Command::Run { config, .. }) = parse(&args("--vfio /x")) else {
+            panic!("expected run");
+        };
+        assert_eq!(config.backing, Backing::Anonymous);
+    }
+
+    #[test]
     fn bad_command_lines_say_what_is_wrong() {
         for (line, expected) in [
             ("--cpus 0", "at least one vCPU"),
@@ -296,6 +343,11 @@ mod tests {
             ("--bogus", "unknown option '--bogus'"),
             ("--cpus", "--cpus needs a value"),
             ("--backing disk", "not one of"),
+            ("--vfio", "--vfio needs a value"),
+            (
+                "--vfio-user s --backing anonymous",
+                "needs guest RAM in a memfd",
+            ),
             ("check-host extra", "takes no arguments"),
             ("--disk", "--disk needs a value"),
             ("--disk format=raw", "path=FILE is required"),

@@ -5,13 +5,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use vmkit_guest_abi::{DeviceInfo, DeviceKind, Transport, EXIT_PORT, SERIAL_PORT};
 use vmkit_memory::{Backing, GuestRam, KvmSlots, MemoryAccounting, MemoryConfig};
+use vmkit_pci_passthrough::vfio::KvmDirectMapper;
 use vmkit_vcpu::x86_64::boot::FlatBoot;
 use vmkit_vcpu::{IoBuses, RunningVm, VcpuStats, Vm, VmControl, VmEnd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::pci::{self, PciRoot};
+use crate::devices::vfio::{self, AttachedVfio, KernelVfioContext};
 use crate::devices::virtio_blk::{self, AttachedDisk};
-use crate::devices::{DiskConfig, DiskTransport, ExitPort, SerialConsole, SerialOutput};
+use crate::devices::{
+    DiskConfig, DiskTransport, ExitPort, SerialConsole, SerialOutput, VfioConfig,
+};
 use crate::program::{Program, ProgramError};
 
 /// The GSI of COM1's interrupt (IRQ 4 on the PIC and IOAPIC).
@@ -48,6 +52,14 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A passed-through device could not be attached.
+    #[error("{device}: {reason}")]
+    Vfio {
+        /// The device, as the command line names it.
+        device: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// The PCI root complex could not be set up.
     #[error("PCI: {reason}")]
     Pci {
@@ -77,6 +89,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// The transport of the disks.
     pub disk_transport: DiskTransport,
+    /// Passed-through PCI devices.
+    pub vfio: Vec<VfioConfig>,
 }
 
 impl Default for VmConfig {
@@ -91,6 +105,7 @@ impl Default for VmConfig {
             echo_serial: false,
             disks: Vec::new(),
             disk_transport: DiskTransport::Mmio,
+            vfio: Vec::new(),
         }
     }
 }
@@ -103,6 +118,10 @@ pub struct Vmm {
     _disks: Vec<AttachedDisk>,
     // The PCI root complex (bus, BAR mapper, MSI routes) outlives its functions' users.
     _pci: Option<PciRoot>,
+    // Passed-through devices: after the bus, so that their last reference (and their reset)
+    // goes here, before their DMA mappings, the kernel's VFIO context and guest RAM.
+    _vfio: Vec<AttachedVfio>,
+    _kernel_vfio: KernelVfioContext,
     serial: SerialOutput,
     exit_port: Arc<ExitPort>,
     _slots: KvmSlots,
@@ -131,7 +150,8 @@ impl Vmm {
         let mut disks = Vec::with_capacity(config.disks.len());
         let mut devices = Vec::with_capacity(config.disks.len());
         let mut pci = None;
-        if config.disk_transport == DiskTransport::Pci && !config.disks.is_empty() {
+        let pci_disks = config.disk_transport == DiskTransport::Pci && !config.disks.is_empty();
+        if pci_disks || !config.vfio.is_empty() {
             let root = PciRoot::new(vm.fd().clone(), buses.clone())
                 .map_err(|reason| Error::Pci { reason })?;
             // Flat programs find the functions by enumerating bus 0 through the ports.
@@ -151,7 +171,7 @@ impl Vmm {
                 path: disk.path.display().to_string(),
                 reason,
             };
-            match pci.as_mut() {
+            match pci.as_mut().filter(|_| pci_disks) {
                 Some(root) => {
                     let device =
                         virtio_blk::attach_pci(disk, ram.memory(), root).map_err(disk_error)?;
@@ -164,6 +184,34 @@ impl Vmm {
                     disks.push(AttachedDisk::Mmio(device));
                     devices.push(info);
                 }
+            }
+        }
+        let mut vfio = Vec::with_capacity(config.vfio.len());
+        let mut kernel_vfio = None;
+        if let Some(root) = pci.as_mut() {
+            let mapper = Arc::new(KvmDirectMapper::new(vm.fd().clone(), vfio::BAR_SLOTS));
+            for (index, device) in config.vfio.iter().enumerate() {
+                // INTx lines take IOAPIC pins from the top down; virtio-mmio disks take
+                // them from the bottom up (their GSIs are 5 + disk index).
+                let mmio_disks = if pci_disks { 0 } else { config.disks.len() };
+                let intx_gsi = u32::try_from(index)
+                    .ok()
+                    .and_then(|index| virtio_blk::LAST_GSI.checked_sub(index))
+                    .filter(|&gsi| gsi >= virtio_blk::FIRST_GSI + mmio_disks as u32);
+                let attached = vfio::attach(
+                    device,
+                    vm.fd(),
+                    &ram,
+                    root,
+                    &mut kernel_vfio,
+                    &mapper,
+                    intx_gsi,
+                )
+                .map_err(|reason| Error::Vfio {
+                    device: device.describe(),
+                    reason,
+                })?;
+                vfio.push(attached);
             }
         }
         let layout = FlatBoot {
@@ -210,6 +258,8 @@ impl Vmm {
             running,
             _disks: disks,
             _pci: pci,
+            _vfio: vfio,
+            _kernel_vfio: kernel_vfio,
             serial,
             exit_port,
             _slots: slots,
@@ -350,6 +400,7 @@ impl RunReport {
                     "kvm_run_us": s.kvm_run_time.as_micros() as u64,
                     "exit_handling_us": s.exit_handling_time.as_micros() as u64,
                     "guest_time_ms": s.guest_time.as_millis() as u64,
+                    "pending_interrupt_vectors": s.pending_vectors().collect::<Vec<u8>>(),
                 })
             })
             .collect();

@@ -2,8 +2,8 @@
 //! placed in a 32-bit window of the MMIO hole and dispatched on the VM's buses, MSI-X routed
 //! through KVM's GSI routing table.
 //!
-//! BARs go below 4 GiB (there is no 64-bit window) so that flat programs, whose page tables
-//! map the first 4 GiB, can reach them. When the guest moves a BAR, the mapper moves the
+//! Memory BARs go below 4 GiB (there is no 64-bit window) so that flat programs, whose page
+//! tables map the first 4 GiB, can reach them; I/O BARs go in ports 0xC000-0xFFFF. When the guest moves a BAR, the mapper moves the
 //! bus entry and the KVM ioeventfds inside it.
 
 use std::collections::HashMap;
@@ -26,6 +26,13 @@ pub const CONFIG_PORT_COUNT: u64 = 8;
 pub const MMIO32_WINDOW: AddressWindow = AddressWindow {
     base: 0xe000_0000,
     size: 0x1000_0000,
+};
+
+/// Where I/O BARs are placed: ports 0xC000-0xFFFF, as PC firmware does, clear of the legacy
+/// devices (serial, PIT, the exit port and the configuration ports are all below 0x1000).
+pub const IO_WINDOW: AddressWindow = AddressWindow {
+    base: 0xc000,
+    size: 0x4000,
 };
 
 /// One BAR on a VM bus.
@@ -151,7 +158,7 @@ impl PciRoot {
         let windows = BarWindows {
             mmio32: MMIO32_WINDOW,
             mmio64: None,
-            io: None,
+            io: Some(IO_WINDOW),
         };
         let bus = Arc::new(PciBus::new(windows, mapper.clone()));
         buses
