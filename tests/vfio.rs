@@ -6,9 +6,7 @@
 //! mapped into the guest (its accesses caused no exits).
 
 mod common;
-use common::{example, kvm_available, run_with_timeout, vm, DeviceServer, VM_TIMEOUT};
-
-use std::process::Command;
+use common::{kvm_available, vm, DeviceServer};
 
 /// The vector the guest programs into MSI-X table entry 1, which the device raises when a
 /// DMA ends (guest/src/testdev.rs: 0x40 + entry).
@@ -84,10 +82,7 @@ fn a_server_that_goes_away_ends_nothing_badly() {
     let mut server = DeviceServer::start();
     let socket = server.socket.to_str().expect("UTF-8 path").to_string();
     server.kill();
-    let output = run_with_timeout(
-        Command::new(example("vm")).args(["run", "--vfio-user", &socket]),
-        VM_TIMEOUT,
-    );
+    let output = vm(&["run", "--vfio-user", &socket]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_ne!(output.status.code(), Some(0), "{output:?}");
     assert!(!stderr.contains("panicked"), "{stderr}");

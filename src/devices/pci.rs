@@ -204,3 +204,70 @@ impl PciRoot {
         Ok(address)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmkit_pci_passthrough::vfio::{
+        KvmDirectMapper, SimulatedDevice, VfioPciDevice, VfioPciOptions,
+    };
+
+    /// A configuration write through the ports, as a guest does it.
+    fn config_write32(buses: &IoBuses, device: u8, register: u8, value: u32) {
+        let address = 0x8000_0000 | (u32::from(device) << 11) | u32::from(register);
+        buses.pio.write(CONFIG_PORT, &address.to_le_bytes());
+        buses.pio.write(CONFIG_PORT + 4, &value.to_le_bytes());
+    }
+
+    #[test]
+    fn a_bar_moved_over_ram_or_out_of_the_window_is_not_mapped() {
+        let vm = match vmkit_vcpu::Vm::new(1) {
+            Ok(vm) => vm,
+            Err(e) => {
+                eprintln!("SKIPPED: no usable /dev/kvm here: {e}");
+                return;
+            }
+        };
+        let buses = Arc::new(IoBuses::new());
+        let mut root = PciRoot::new(vm.fd().clone(), buses.clone()).unwrap();
+        // The simulated virtio-net function: BAR 0 is 512 KiB, 64-bit, mostly mappable.
+        let device = Arc::new(
+            VfioPciDevice::new(
+                Arc::new(SimulatedDevice::virtio_net().unwrap()),
+                VfioPciOptions {
+                    interrupts: Some(root.router()),
+                    direct_mapper: Some(Arc::new(KvmDirectMapper::new(vm.fd().clone(), 100..110))),
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        );
+        let address = root.add(device.clone(), Vec::new()).unwrap();
+        assert_eq!(address, PciAddress::new(0, 1, 0).unwrap());
+        // Memory decoding on: the BAR decodes where "firmware" placed it, in the window.
+        config_write32(&buses, 1, 0x04, 0x2);
+        let placed = device.direct_mappings();
+        assert!(!placed.is_empty());
+        let base = placed[0].guest_address;
+        assert!(base >= MMIO32_WINDOW.base && buses.mmio.resolve(base).is_some());
+
+        // Over guest RAM (1 MiB): refused, nothing decodes there and nothing is mapped.
+        config_write32(&buses, 1, 0x10, 0x0010_0000);
+        assert!(device.direct_mappings().is_empty());
+        assert!(buses.mmio.resolve(0x0010_0000).is_none());
+        assert!(buses.mmio.resolve(base).is_none());
+        // Above 4 GiB, outside the window: refused as well.
+        config_write32(&buses, 1, 0x14, 0x1);
+        assert!(device.direct_mappings().is_empty());
+        // Back into the window: mapped again, at the new place.
+        let moved = MMIO32_WINDOW.base + 0x0100_0000;
+        config_write32(&buses, 1, 0x14, 0);
+        config_write32(&buses, 1, 0x10, moved as u32);
+        assert!(buses.mmio.resolve(moved).is_some());
+        assert!(device
+            .direct_mappings()
+            .iter()
+            .all(|m| m.guest_address >= moved && m.guest_address < moved + 0x8_0000));
+        assert!(!device.direct_mappings().is_empty());
+    }
+}
