@@ -21,7 +21,9 @@
 //! table is written, its host range is checked against the header, the L1 table, the
 //! refcount table and blocks and the L2 tables the L1 table names (QEMU's
 //! `overlap-check=cached`, with every L2 table rather than the cached ones). An overlap
-//! fails the request and marks the image corrupt in memory: it takes no more writes.
+//! fails the request and marks the image corrupt: it takes no more writes, and (version 3)
+//! its header's corrupt bit is set, as QEMU sets it, so that no program opens it read-write
+//! again until it is repaired.
 //!
 //! Both asynchronous engines run qcow2 disks. With io_uring, reads of allocated clusters
 //! and in-place overwrites go into the ring at their host offsets ([`HostMapping`]); the

@@ -31,6 +31,10 @@ const L2_TABLE: &str = "L2 table";
 /// See [`DATA`].
 const REFCOUNT_BLOCK: &str = "refcount block";
 
+/// Header offsets of the incompatible and autoclear feature bits (version 3).
+const INCOMPATIBLE_FEATURES_OFFSET: u64 = 72;
+const AUTOCLEAR_FEATURES_OFFSET: u64 = 88;
+
 /// Every subcluster allocated, none zero.
 pub(super) const ALL_ALLOCATED: u64 = 0xffff_ffff;
 /// Every subcluster zero.
@@ -105,6 +109,7 @@ impl Qcow2Disk {
         for cluster in offset >> bits..=last {
             if let Some(metadata) = self.metadata_at(meta, cluster, own) {
                 meta.corrupt = true;
+                self.mark_corrupt_on_disk();
                 let err = Qcow2Error::MetadataOverlap {
                     table,
                     index,
@@ -118,6 +123,26 @@ impl Qcow2Disk {
             }
         }
         Ok(())
+    }
+
+    /// Sets the corrupt bit in the header (version 3 only; version 2 has no feature bits),
+    /// as QEMU does when it finds corruption: no program then opens the image read-write
+    /// until it is repaired. Failing that, the image is still refused writes for as long
+    /// as this disk is open.
+    fn mark_corrupt_on_disk(&self) {
+        if self.header.version < 3 {
+            return;
+        }
+        let features = self.header.incompatible_features | super::header::INCOMPAT_CORRUPT;
+        let marked = self
+            .write_host(INCOMPATIBLE_FEATURES_OFFSET, &features.to_be_bytes())
+            .and_then(|()| self.barrier());
+        if let Err(e) = marked {
+            log::error!(
+                "{}: cannot mark the image corrupt: {e}",
+                self.path.display()
+            );
+        }
     }
 
     /// Checks that the host cluster(s) L2 entry `entry` of guest cluster `cluster` points at
@@ -631,7 +656,7 @@ impl Qcow2Disk {
             return Err(Qcow2Error::FoundCorrupt.at(&self.path));
         }
         if meta.header_dirty_autoclear {
-            self.write_host(88, &0u64.to_be_bytes())?;
+            self.write_host(AUTOCLEAR_FEATURES_OFFSET, &0u64.to_be_bytes())?;
             self.barrier()?;
             meta.header_dirty_autoclear = false;
         }
