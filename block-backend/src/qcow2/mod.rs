@@ -345,7 +345,7 @@ impl Qcow2Disk {
             read_only,
             discard: options.raw.discard,
         };
-        Ok(Qcow2Disk {
+        let disk = Qcow2Disk {
             path: path.to_path_buf(),
             info,
             backing,
@@ -366,7 +366,11 @@ impl Qcow2Disk {
             nowait_works: AtomicBool::new(true),
             header,
             raw: Arc::new(raw),
-        })
+        };
+        if !read_only {
+            disk.skip_refcounted_tail(&mut lock(&disk.meta))?;
+        }
+        Ok(disk)
     }
 
     /// The parsed header.

@@ -31,6 +31,9 @@ const L2_TABLE: &str = "L2 table";
 /// See [`DATA`].
 const REFCOUNT_BLOCK: &str = "refcount block";
 
+/// Refcount blocks past the end of the file that a read-write open scans at most.
+const MAX_TAIL_REFCOUNT_BLOCKS: u32 = 64;
+
 /// Header offsets of the incompatible and autoclear feature bits (version 3).
 const INCOMPATIBLE_FEATURES_OFFSET: u64 = 72;
 const AUTOCLEAR_FEATURES_OFFSET: u64 = 88;
@@ -215,6 +218,66 @@ impl Qcow2Disk {
         for (i, b) in slot.iter_mut().enumerate() {
             *b = (word >> (8 * (len - 1 - i))) as u8;
         }
+    }
+
+    /// The refcount of entry `index` of a refcount block's bytes.
+    fn refcount_in(&self, block: &[u8], index: u64) -> u64 {
+        let (byte, len, shift, mask) = self.refcount_bits(index);
+        block
+            .get(byte as usize..byte as usize + len)
+            .map_or(0, |slot| {
+                let word = slot.iter().fold(0u64, |w, &b| w << 8 | u64::from(b));
+                (word >> shift) & mask
+            })
+    }
+
+    /// Moves new allocations past any cluster beyond the end of the file that already has a
+    /// refcount. A crash leaves such clusters behind: an allocation writes (and syncs) the
+    /// refcount before the data or table that extends the file. They stay leaked, as QEMU
+    /// leaves them; without this, the allocator, which takes clusters at the end of the
+    /// file, would hand one out again and count it twice. Called once, at a read-write open.
+    pub(super) fn skip_refcounted_tail(&self, meta: &mut Meta) -> Result<()> {
+        let bits = self.header.cluster_bits;
+        let per_block = self.header.refcount_block_entries();
+        let end_cluster = meta.file_end >> bits;
+        let mut block_bytes = vec![0u8; self.cluster_size() as usize];
+        let mut scanned = 0;
+        let mut last_counted = None;
+        for index in 0..meta.reftable.len() as u64 {
+            let first = index.saturating_mul(per_block);
+            if first.saturating_add(per_block) <= end_cluster {
+                continue;
+            }
+            let Some((block, _)) = self.refcount_block(meta, first)? else {
+                break;
+            };
+            if block == 0 {
+                continue;
+            }
+            // Only a crash right after tables grew leaves more than one or two blocks
+            // here; a long run of them is a hostile image.
+            scanned += 1;
+            if scanned > MAX_TAIL_REFCOUNT_BLOCKS {
+                return Err(Qcow2Error::Walk(format!(
+                    "more than {MAX_TAIL_REFCOUNT_BLOCKS} refcount blocks count clusters past                      the end of the file: repair the image (qemu-img check -r all)"
+                ))
+                .at(&self.path));
+            }
+            super::io::read(&self.raw, block, &mut block_bytes)?;
+            for k in end_cluster.saturating_sub(first)..per_block {
+                if self.refcount_in(&block_bytes, k) != 0 {
+                    last_counted = Some(first + k);
+                }
+            }
+        }
+        if let Some(cluster) = last_counted {
+            log::warn!(
+                "{}: clusters up to {cluster} past the end of the file have refcounts (left by                  a crash): they stay leaked",
+                self.path.display()
+            );
+            meta.file_end = (cluster + 1) << bits;
+        }
+        Ok(())
     }
 
     /// Moves the refcount table to a larger one at the end of the file, so that it has an
