@@ -151,7 +151,11 @@ fn killed_writers_leave_leaks_at_most() {
         }
         // The writers did write (a writer that failed at once would make this test vacuous).
         let written = check(&image).unwrap().allocated_clusters;
-        assert!(written > 100, "{}: only {written} clusters written", cache.name());
+        assert!(
+            written > 100,
+            "{}: only {written} clusters written",
+            cache.name()
+        );
         // Leaks are allowed, and qemu-img can repair them: after that the image is clean.
         run(
             "qemu-img",
