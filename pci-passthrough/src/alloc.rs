@@ -1,4 +1,5 @@
 //! BAR placement: first-fit, naturally aligned allocation from the VMM's address windows.
+//! Expansion ROMs are placed as 32-bit memory BARs (their BAR has no high half).
 
 use std::collections::BTreeMap;
 
@@ -24,7 +25,8 @@ impl AddressWindow {
 /// The windows BARs are placed in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BarWindows {
-    /// 32-bit memory BARs, in the hole below 4 GiB (e.g. 0xe000_0000, 256 MiB).
+    /// 32-bit memory BARs and expansion ROMs, in the hole below 4 GiB (e.g. 0xe000_0000,
+    /// 256 MiB).
     pub mmio32: AddressWindow,
     /// 64-bit memory BARs, above RAM; without it they go in `mmio32`.
     pub mmio64: Option<AddressWindow>,

@@ -13,6 +13,16 @@
 //! its other devices (its MMIO bus refuses the insert). A refused BAR stays unmapped —
 //! guest accesses to it reach nothing — until the guest writes an acceptable address. No
 //! guest value panics or maps anything over something else.
+//!
+//! # Expansion ROMs
+//!
+//! A function with an expansion ROM says so in [`PciDevice::rom_size`]. The bus places the
+//! ROM like a 32-bit memory BAR (after the function's BARs) and programs its address into
+//! the ROM BAR at 0x30, disabled. It decodes only when both the ROM BAR's enable bit and the
+//! command register's memory space bit are set; it is then mapped, moved and refused
+//! exactly like a BAR, as BAR [`ROM_BAR_INDEX`] (6) of kind [`BarKind::Memory32`]. Its
+//! [`BarAccess`] is read-only: guest reads reach [`PciDevice::bar_read`] with index 6,
+//! guest writes are dropped.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -21,7 +31,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::alloc::{AddressSpace, BarAllocator, BarWindows};
 use crate::config::{
-    command, reg, BarKind, ConfigSpace, PciBar, PciHeader, EXTENDED_CONFIG_SPACE_SIZE,
+    command, is_valid_rom_size, reg, rom_decode_address, BarKind, ConfigSpace, PciBar, PciHeader,
+    EXTENDED_CONFIG_SPACE_SIZE, NUM_BARS, ROM_BAR_INDEX,
 };
 use crate::Error;
 
@@ -91,21 +102,32 @@ pub trait PciDevice: Send + Sync {
     fn write_config(&self, offset: u16, data: &[u8]);
     /// The BARs the function declares (fixed for its lifetime).
     fn bars(&self) -> Vec<PciBar>;
-    /// A guest read of `data.len()` bytes at `offset` in BAR `bar`.
+    /// Size of the function's expansion ROM (a power of two, 2 KiB to 2 GiB), or `None`
+    /// (the default) if it has none. Fixed for the function's lifetime: the bus asks once,
+    /// in [`PciBus::add_device`]. A function with a ROM implements the ROM BAR at 0x30
+    /// ([`ConfigSpace::add_rom`] does) and answers reads of BAR [`ROM_BAR_INDEX`].
+    fn rom_size(&self) -> Option<u64> {
+        None
+    }
+    /// A guest read of `data.len()` bytes at `offset` in BAR `bar` ([`ROM_BAR_INDEX`]: the
+    /// expansion ROM).
     fn bar_read(&self, bar: u8, offset: u64, data: &mut [u8]);
-    /// A guest write of `data` at `offset` in BAR `bar`.
+    /// A guest write of `data` at `offset` in BAR `bar` (never the expansion ROM: the bus
+    /// drops writes to it).
     fn bar_write(&self, bar: u8, offset: u64, data: &[u8]);
-    /// BAR `bar` now decodes at `base` (`None`: nowhere). Called after the VMM's
-    /// [`BarMapper`] accepted the change; a passthrough device remaps here.
+    /// BAR `bar` (or the expansion ROM, [`ROM_BAR_INDEX`]) now decodes at `base` (`None`:
+    /// nowhere). Called after the VMM's [`BarMapper`] accepted the change; a passthrough
+    /// device remaps here.
     fn bar_moved(&self, bar: u8, base: Option<u64>) {
         let _ = (bar, base);
     }
 }
 
-/// Where a BAR decodes.
+/// Where a BAR (or an expansion ROM) decodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BarRegion {
-    /// BAR index.
+    /// BAR index; [`ROM_BAR_INDEX`] (6) for the expansion ROM, which is
+    /// [`BarKind::Memory32`] and read-only.
     pub bar: u8,
     /// Address space and width.
     pub kind: BarKind,
@@ -118,6 +140,11 @@ pub struct BarRegion {
 }
 
 impl BarRegion {
+    /// Whether this is the expansion ROM (read-only memory: the VMM may map it as such).
+    pub fn is_rom(&self) -> bool {
+        self.bar == ROM_BAR_INDEX
+    }
+
     fn end(&self) -> Option<u64> {
         self.base.checked_add(self.size)
     }
@@ -167,7 +194,8 @@ impl BarMapper for NoBarMapper {
 }
 
 /// One BAR of one function as a bus device: what a VMM inserts on its MMIO (or port) bus
-/// at the BAR's base. Offsets are relative to the base.
+/// at the BAR's base. Offsets are relative to the base. The expansion ROM
+/// ([`ROM_BAR_INDEX`]) is read-only: writes to it are dropped here.
 #[derive(Clone)]
 pub struct BarAccess {
     device: Arc<dyn PciDevice>,
@@ -175,7 +203,7 @@ pub struct BarAccess {
 }
 
 impl BarAccess {
-    /// BAR `bar` of `device`.
+    /// BAR `bar` of `device` ([`ROM_BAR_INDEX`]: its expansion ROM).
     pub fn new(device: Arc<dyn PciDevice>, bar: u8) -> Self {
         BarAccess { device, bar }
     }
@@ -185,9 +213,12 @@ impl BarAccess {
         self.device.bar_read(self.bar, offset, data);
     }
 
-    /// A guest write at `offset` from the BAR's base.
+    /// A guest write at `offset` from the BAR's base; dropped for the expansion ROM (ROM is
+    /// read-only, and a device model should not have to filter them).
     pub fn write(&self, offset: u64, data: &[u8]) {
-        self.device.bar_write(self.bar, offset, data);
+        if self.bar != ROM_BAR_INDEX {
+            self.device.bar_write(self.bar, offset, data);
+        }
     }
 }
 
@@ -249,6 +280,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 struct Slot {
     device: Arc<dyn PciDevice>,
+    /// The BARs, then the expansion ROM if there is one, as a 32-bit memory BAR with index
+    /// [`ROM_BAR_INDEX`] (see [`decoded_region`]).
     bars: Vec<PciBar>,
     /// Where each BAR of `bars` is mapped (accepted by the mapper).
     mapped: Vec<Option<BarRegion>>,
@@ -291,9 +324,12 @@ impl PciBus {
         bus
     }
 
-    /// Adds `device` at `address`, places its BARs (naturally aligned, in the windows) and
-    /// programs their addresses, as firmware would. Decoding stays off until the guest sets
-    /// the command register; the mapper is called then. Returns the placed BARs.
+    /// Adds `device` at `address`, places its BARs and its expansion ROM (naturally
+    /// aligned, in the windows; the ROM in the 32-bit window) and programs their addresses,
+    /// as firmware would, leaving the ROM disabled. Decoding stays off until the guest sets
+    /// the command register (and for the ROM its enable bit); the mapper is called then.
+    /// Returns the placed BARs, then the ROM (as BAR [`ROM_BAR_INDEX`]). Fails if a BAR or
+    /// the ROM does not fit, or the ROM's size is not a power of two from 2 KiB to 2 GiB.
     pub fn add_device(
         &self,
         address: PciAddress,
@@ -303,7 +339,29 @@ impl PciBus {
         if state.slots.contains_key(&address) {
             return Err(Error::SlotInUse(address));
         }
-        let bars = device.bars();
+        let mut bars = device.bars();
+        // Only BARs 0-5 have registers; here index 6 means the ROM, so a BAR claiming it
+        // (or beyond) would be programmed over the registers after the BARs.
+        bars.retain(|bar| {
+            let exists = usize::from(bar.index) < NUM_BARS;
+            if !exists {
+                log::warn!("pci: {address} declares BAR {}; left out", bar.index);
+            }
+            exists
+        });
+        if let Some(size) = device.rom_size() {
+            if !is_valid_rom_size(size) {
+                return Err(Error::InvalidBarSize(size));
+            }
+            // Placed like a 32-bit BAR (the ROM BAR has no high half), after the BARs so
+            // that adding a ROM does not move them.
+            bars.push(PciBar {
+                index: ROM_BAR_INDEX,
+                kind: BarKind::Memory32,
+                size,
+                prefetchable: false,
+            });
+        }
         let mut regions = Vec::with_capacity(bars.len());
         for bar in &bars {
             match state.allocator.allocate(bar.kind, bar.size) {
@@ -325,6 +383,11 @@ impl PciBus {
             }
         }
         for region in &regions {
+            if region.is_rom() {
+                // Address only: the enable bit stays clear until the guest sets it.
+                device.write_config(reg::ROM as u16, &(region.base as u32).to_le_bytes());
+                continue;
+            }
             let offset = reg::BAR0 as u16 + 4 * u16::from(region.bar);
             device.write_config(offset, &(region.base as u32).to_le_bytes());
             if region.kind == BarKind::Memory64 {
@@ -351,7 +414,8 @@ impl PciBus {
             .map(|s| s.device.clone())
     }
 
-    /// Where the BARs of the function at `address` are mapped now.
+    /// Where the BARs (and expansion ROM, as BAR [`ROM_BAR_INDEX`]) of the function at
+    /// `address` are mapped now.
     pub fn mapped_bars(&self, address: PciAddress) -> Vec<BarRegion> {
         lock(&self.state)
             .slots
@@ -425,8 +489,8 @@ impl PciBus {
             });
             if new.end().is_none() || clash.is_some() {
                 log::warn!(
-                    "pci: {address} BAR {} at {:#x} overlaps {:?}; left unmapped",
-                    new.bar,
+                    "pci: {address} {} at {:#x} overlaps {:?}; left unmapped",
+                    bar_name(new.bar),
                     new.base,
                     clash
                 );
@@ -439,8 +503,8 @@ impl PciBus {
                     device.bar_moved(new.bar, Some(new.base));
                 }
                 Err(e) => log::warn!(
-                    "pci: {address} BAR {} at {:#x} refused: {e}; left unmapped",
-                    new.bar,
+                    "pci: {address} {} at {:#x} refused: {e}; left unmapped",
+                    bar_name(new.bar),
                     new.base
                 ),
             }
@@ -458,9 +522,30 @@ fn set_mapped(state: &mut BusState, address: PciAddress, index: usize, region: O
     }
 }
 
+/// "BAR n" or "expansion ROM", for messages.
+fn bar_name(bar: u8) -> String {
+    if bar == ROM_BAR_INDEX {
+        "expansion ROM".to_string()
+    } else {
+        format!("BAR {bar}")
+    }
+}
+
 /// Where `bar` decodes given the function's registers: its address, if its address space
-/// is enabled in `command`.
+/// is enabled in `command` (for the expansion ROM, [`ROM_BAR_INDEX`], also its enable bit).
 fn decoded_region(device: &dyn PciDevice, bar: &PciBar, command: u16) -> Option<BarRegion> {
+    if bar.index == ROM_BAR_INDEX {
+        let mut register = [0u8; 4];
+        device.read_config(reg::ROM as u16, &mut register);
+        let base = rom_decode_address(u32::from_le_bytes(register), command, bar.size)?;
+        return Some(BarRegion {
+            bar: bar.index,
+            kind: BarKind::Memory32,
+            base,
+            size: bar.size,
+            prefetchable: false,
+        });
+    }
     let enable = if bar.kind.is_memory() {
         command::MEMORY
     } else {
@@ -612,14 +697,27 @@ mod tests {
     use super::*;
     use crate::alloc::AddressWindow;
 
-    /// A function with one 64-bit memory BAR and one I/O BAR; BAR accesses are recorded.
+    /// A function with one 64-bit memory BAR and one I/O BAR (and optionally an expansion
+    /// ROM); moves and BAR writes are recorded.
     struct TestDevice {
         config: Mutex<ConfigSpace>,
         moves: Mutex<Vec<(u8, Option<u64>)>>,
+        writes: Mutex<Vec<u8>>,
+        /// What `rom_size` answers (the config space's ROM, or a bad size).
+        rom: Option<u64>,
     }
 
     impl TestDevice {
         fn new() -> Arc<Self> {
+            Self::build(None)
+        }
+
+        /// With an expansion ROM of `size` bytes (declared in config space if valid).
+        fn with_rom(size: u64) -> Arc<Self> {
+            Self::build(Some(size))
+        }
+
+        fn build(rom: Option<u64>) -> Arc<Self> {
             let mut config = ConfigSpace::new(&PciHeader {
                 vendor_id: 0x1af4,
                 device_id: 0x1042,
@@ -642,9 +740,14 @@ mod tests {
                     prefetchable: false,
                 })
                 .unwrap();
+            if let Some(size) = rom {
+                let _ = config.add_rom(size);
+            }
             Arc::new(TestDevice {
                 config: Mutex::new(config),
                 moves: Mutex::new(Vec::new()),
+                writes: Mutex::new(Vec::new()),
+                rom,
             })
         }
     }
@@ -659,19 +762,36 @@ mod tests {
         fn bars(&self) -> Vec<PciBar> {
             lock(&self.config).bars().to_vec()
         }
+        fn rom_size(&self) -> Option<u64> {
+            self.rom
+        }
         fn bar_read(&self, bar: u8, offset: u64, data: &mut [u8]) {
             data.fill(bar.wrapping_add(offset as u8));
         }
-        fn bar_write(&self, _bar: u8, _offset: u64, _data: &[u8]) {}
+        fn bar_write(&self, bar: u8, _offset: u64, _data: &[u8]) {
+            lock(&self.writes).push(bar);
+        }
         fn bar_moved(&self, bar: u8, base: Option<u64>) {
             lock(&self.moves).push((bar, base));
         }
     }
 
-    /// Records mappings; refuses anything below 1 GiB ("RAM").
+    /// Records mappings and keeps the accesses of mapped BARs; refuses anything below
+    /// 1 GiB ("RAM").
     #[derive(Default)]
     struct Recorder {
         events: Mutex<Vec<(bool, PciAddress, BarRegion)>>,
+        accesses: Mutex<Vec<(PciAddress, BarRegion, BarAccess)>>,
+    }
+
+    impl Recorder {
+        /// The access mapped for `bar` of `device`, if it is mapped.
+        fn access(&self, device: PciAddress, bar: u8) -> Option<BarAccess> {
+            lock(&self.accesses)
+                .iter()
+                .find(|(d, r, _)| *d == device && r.bar == bar)
+                .map(|(_, _, a)| a.clone())
+        }
     }
 
     impl BarMapper for Recorder {
@@ -679,16 +799,18 @@ mod tests {
             &self,
             device: PciAddress,
             region: &BarRegion,
-            _access: BarAccess,
+            access: BarAccess,
         ) -> Result<(), Error> {
             if region.kind.is_memory() && region.base < 0x4000_0000 {
                 return Err(Error::MapRefused("RAM".into()));
             }
             lock(&self.events).push((true, device, *region));
+            lock(&self.accesses).push((device, *region, access));
             Ok(())
         }
         fn unmap_bar(&self, device: PciAddress, region: &BarRegion) {
             lock(&self.events).push((false, device, *region));
+            lock(&self.accesses).retain(|(d, r, _)| !(*d == device && r == region));
         }
     }
 
@@ -895,10 +1017,12 @@ mod tests {
     fn hostile_config_writes_everywhere() {
         let (bus, _) = bus();
         bus.add_device(addr(1), TestDevice::new()).unwrap();
+        bus.add_device(addr(3), TestDevice::with_rom(0x800))
+            .unwrap();
         let io = PciConfigIo::new(bus.clone());
         let ecam = PciConfigMmio::new(bus.clone(), 256);
         let mut seed = 0x0123_4567_89ab_cdefu64;
-        for function in [addr(0), addr(1), addr(2)] {
+        for function in [addr(0), addr(1), addr(2), addr(3)] {
             for register in 0..=255u8 {
                 for len in [1usize, 2, 4] {
                     seed ^= seed << 13;
@@ -914,6 +1038,177 @@ mod tests {
         assert_eq!(cf8_read(&io, addr(0), 0, 4), 0x0d57_8086);
         assert_eq!(cf8_read(&io, addr(1), 0, 4), 0x1042_1af4);
         assert_eq!(cf8_read(&io, addr(1), 0x10, 4) & 0xf, 0x4);
+        assert_eq!(
+            cf8_read(&io, addr(3), 0x30, 4) & 0x7fe,
+            0,
+            "ROM reserved bits"
+        );
+        if let Some(rom) = mapped_rom(&bus, addr(3)) {
+            assert_eq!((rom.base % 0x800, rom.size), (0, 0x800));
+        }
+    }
+
+    /// The ROM region a function's mapped list holds, if mapped.
+    fn mapped_rom(bus: &PciBus, function: PciAddress) -> Option<BarRegion> {
+        bus.mapped_bars(function).into_iter().find(|r| r.is_rom())
+    }
+
+    #[test]
+    fn rom_is_placed_after_the_bars_and_left_disabled() {
+        let (bus, _) = bus();
+        let device = TestDevice::with_rom(0x8000);
+        let regions = bus.add_device(addr(1), device.clone()).unwrap();
+        assert_eq!(regions.len(), 3);
+        // BARs where they would be without a ROM; the ROM in the 32-bit window, aligned.
+        assert_eq!((regions[0].base, regions[1].base), (0xe000_0000, 0xc000));
+        assert_eq!(
+            regions[2],
+            BarRegion {
+                bar: ROM_BAR_INDEX,
+                kind: BarKind::Memory32,
+                base: 0xe000_8000,
+                size: 0x8000,
+                prefetchable: false,
+            }
+        );
+        assert!(regions[2].is_rom() && !regions[0].is_rom());
+        let io = PciConfigIo::new(bus.clone());
+        assert_eq!(
+            cf8_read(&io, addr(1), 0x30, 4),
+            0xe000_8000,
+            "address, disabled"
+        );
+        // Sizing through the bus.
+        cf8_write(&io, addr(1), 0x30, 0xffff_fffe, 4);
+        assert_eq!(cf8_read(&io, addr(1), 0x30, 4), 0xffff_8000);
+        // The next function's BARs go around it.
+        let next = bus.add_device(addr(2), TestDevice::new()).unwrap();
+        assert_eq!(next[0].base, 0xe000_4000);
+        let after = bus
+            .add_device(addr(3), TestDevice::with_rom(0x800))
+            .unwrap();
+        assert_eq!((after[0].base, after[2].base), (0xe001_0000, 0xe001_4000));
+    }
+
+    #[test]
+    fn a_rom_that_cannot_be_placed_fails_the_device_and_frees_its_bars() {
+        let (bus, _) = bus();
+        for size in [0x1000 - 1, 0x400, 1 << 32] {
+            assert!(matches!(
+                bus.add_device(addr(1), TestDevice::with_rom(size)),
+                Err(Error::InvalidBarSize(s)) if s == size
+            ));
+        }
+        // Bigger than the window: out of space, BAR 0 freed again.
+        assert!(matches!(
+            bus.add_device(addr(1), TestDevice::with_rom(1 << 31)),
+            Err(Error::OutOfSpace { .. })
+        ));
+        assert!(bus.device(addr(1)).is_none());
+        let regions = bus.add_device(addr(1), TestDevice::new()).unwrap();
+        assert_eq!((regions[0].base, regions[1].base), (0xe000_0000, 0xc000));
+    }
+
+    #[test]
+    fn rom_maps_only_with_both_enable_bits_and_moves() {
+        let (bus, recorder) = bus();
+        let device = TestDevice::with_rom(0x8000);
+        let regions = bus.add_device(addr(1), device.clone()).unwrap();
+        let rom = regions[2];
+        let io = PciConfigIo::new(bus.clone());
+        // Memory decoding alone: the BAR maps, the ROM does not.
+        cf8_write(&io, addr(1), 4, u32::from(command::MEMORY), 2);
+        assert_eq!(bus.mapped_bars(addr(1)), vec![regions[0]]);
+        // ROM enable (a byte write of bit 0): mapped where it was placed.
+        cf8_write(&io, addr(1), 0x30, 0x01, 1);
+        assert_eq!(mapped_rom(&bus, addr(1)), Some(rom));
+        assert_eq!(
+            lock(&device.moves).last().copied(),
+            Some((6, Some(rom.base)))
+        );
+        // Reads reach the device as BAR 6; writes are dropped before the device.
+        let access = recorder.access(addr(1), ROM_BAR_INDEX).unwrap();
+        let mut data = [0u8; 4];
+        access.read(0x10, &mut data);
+        assert_eq!(data, [0x16; 4]);
+        access.write(0, &[0xff; 4]);
+        assert!(
+            lock(&device.writes).is_empty(),
+            "a ROM write reached the device"
+        );
+        recorder.access(addr(1), 0).unwrap().write(0, &[1]);
+        assert_eq!(*lock(&device.writes), vec![0]);
+        // Memory decoding off: unmapped, though its enable bit is still set.
+        cf8_write(&io, addr(1), 4, 0, 2);
+        assert!(bus.mapped_bars(addr(1)).is_empty());
+        assert_eq!(cf8_read(&io, addr(1), 0x30, 4), 0xe000_8001);
+        assert_eq!(lock(&device.moves).last().copied(), Some((6, None)));
+        cf8_write(&io, addr(1), 4, u32::from(command::MEMORY), 2);
+        assert_eq!(mapped_rom(&bus, addr(1)), Some(rom));
+        // ROM enable off: unmapped, BAR 0 stays.
+        cf8_write(&io, addr(1), 0x30, 0xe000_8000, 4);
+        assert_eq!(bus.mapped_bars(addr(1)), vec![regions[0]]);
+        assert!(recorder.access(addr(1), ROM_BAR_INDEX).is_none());
+        // Moved and enabled in one write: mapped at the new place (low bits ignored).
+        cf8_write(&io, addr(1), 0x30, 0xe010_07ff, 4);
+        let moved = mapped_rom(&bus, addr(1)).unwrap();
+        assert_eq!((moved.base, moved.size), (0xe010_0000, 0x8000));
+        // Moved again while enabled: unmapped at the old place, then mapped at the new.
+        cf8_write(&io, addr(1), 0x32, 0xe020, 2);
+        let events = lock(&recorder.events).clone();
+        let n = events.len();
+        assert!(!events[n - 2].0 && events[n - 2].2.base == 0xe010_0000);
+        assert!(events[n - 1].0 && events[n - 1].2.base == 0xe020_0000);
+        assert!(events[n - 1].2.is_rom());
+        assert_eq!(
+            lock(&device.moves).last().copied(),
+            Some((6, Some(0xe020_0000)))
+        );
+    }
+
+    #[test]
+    fn rom_overlaps_are_refused_like_bars() {
+        let (bus, _) = bus();
+        let a = bus
+            .add_device(addr(1), TestDevice::with_rom(0x800))
+            .unwrap();
+        let b = bus.add_device(addr(2), TestDevice::new()).unwrap();
+        assert_eq!(
+            (a[0].base, a[2].base, b[0].base),
+            (0xe000_0000, 0xe000_4000, 0xe000_8000)
+        );
+        let io = PciConfigIo::new(bus.clone());
+        for function in [addr(1), addr(2)] {
+            cf8_write(&io, function, 4, u32::from(command::MEMORY), 2);
+        }
+        cf8_write(&io, addr(1), 0x30, a[2].base as u32 | 1, 4);
+        assert_eq!(mapped_rom(&bus, addr(1)), Some(a[2]));
+        // Over its own BAR 0, over another function's BAR, over "RAM": left unmapped.
+        for base in [a[0].base as u32, b[0].base as u32 + 0x1000, 0x1000_0000] {
+            cf8_write(&io, addr(1), 0x30, base | 1, 4);
+            assert_eq!(mapped_rom(&bus, addr(1)), None, "{base:#x}");
+            assert_eq!(
+                cf8_read(&io, addr(1), 0x30, 4),
+                base | 1,
+                "the register keeps it"
+            );
+        }
+        assert_eq!(bus.mapped_bars(addr(2)), vec![b[0]]);
+        // Somewhere free: mapped again.
+        cf8_write(&io, addr(1), 0x30, 0xe800_0001, 4);
+        assert_eq!(mapped_rom(&bus, addr(1)).map(|r| r.base), Some(0xe800_0000));
+        // Another function's BAR moved over the mapped ROM is refused in turn.
+        cf8_write(&io, addr(2), 0x10, 0xe800_0000, 4);
+        assert!(bus.mapped_bars(addr(2)).is_empty());
+        assert_eq!(mapped_rom(&bus, addr(1)).map(|r| r.base), Some(0xe800_0000));
+        // I/O ports at the same numbers are another address space.
+        cf8_write(&io, addr(1), 4, u32::from(command::MEMORY | command::IO), 2);
+        cf8_write(&io, addr(1), 0x18, 0xe800_0000, 4);
+        let mapped = bus.mapped_bars(addr(1));
+        assert_eq!(mapped.len(), 3);
+        assert!(mapped
+            .iter()
+            .any(|r| r.kind == BarKind::Io && r.base == 0xe800_0000));
     }
 
     #[test]

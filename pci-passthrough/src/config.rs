@@ -5,7 +5,8 @@
 //! per-byte write mask: a guest write only changes the bits the mask allows, so read-only
 //! fields (IDs, class, BAR type bits, capability headers...) stay read-only whatever the
 //! offset, width or value. BAR sizing falls out of the masks: the writable bits of a BAR are
-//! exactly its address bits, so writing all-ones reads back the size mask.
+//! exactly its address bits, so writing all-ones reads back the size mask. The expansion ROM
+//! BAR (0x30) works the same way: its writable bits are its address bits and the enable bit.
 
 use crate::Error;
 
@@ -15,6 +16,23 @@ pub const CONFIG_SPACE_SIZE: usize = 256;
 pub const EXTENDED_CONFIG_SPACE_SIZE: usize = 4096;
 /// Number of BAR registers in a type-0 header.
 pub const NUM_BARS: usize = 6;
+/// The BAR index the expansion ROM goes by where BARs are numbered ([`BarRegion::bar`],
+/// [`PciDevice::bar_read`], [`PciDevice::bar_moved`]): 6, right after the six BARs, as VFIO
+/// numbers its ROM region.
+///
+/// [`BarRegion::bar`]: crate::BarRegion::bar
+/// [`PciDevice::bar_read`]: crate::PciDevice::bar_read
+/// [`PciDevice::bar_moved`]: crate::PciDevice::bar_moved
+pub const ROM_BAR_INDEX: u8 = 6;
+/// Smallest expansion ROM: the ROM BAR's address field starts at bit 11.
+pub const MIN_ROM_SIZE: u64 = 0x800;
+/// Largest expansion ROM the 32-bit ROM BAR can describe.
+pub const MAX_ROM_SIZE: u64 = 1 << 31;
+/// The expansion ROM BAR's enable bit (bit 0); the ROM decodes only when it and the command
+/// register's memory space bit are both set.
+pub const ROM_ENABLE: u32 = 1;
+/// The expansion ROM BAR's address field (bits 31:11); bits 10:1 are reserved (read 0).
+pub const ROM_ADDRESS_MASK: u32 = 0xffff_f800;
 /// Where the capability list starts: right after the type-0 header.
 const FIRST_CAPABILITY: usize = 0x40;
 
@@ -46,7 +64,8 @@ pub mod reg {
     pub const SUBSYSTEM_VENDOR_ID: usize = 0x2c;
     /// `Subsystem ID` (u16, RO).
     pub const SUBSYSTEM_ID: usize = 0x2e;
-    /// `Expansion ROM base address` (u32; not implemented, reads 0).
+    /// `Expansion ROM base address` (u32: address bits 31:11, enable bit 0; reads 0 without
+    /// a ROM).
     pub const ROM: usize = 0x30;
     /// `Capabilities pointer` (u8, RO).
     pub const CAPABILITIES: usize = 0x34;
@@ -130,6 +149,30 @@ impl PciBar {
     }
 }
 
+/// Whether `size` can be an expansion ROM's: a power of two from [`MIN_ROM_SIZE`] to
+/// [`MAX_ROM_SIZE`].
+pub fn is_valid_rom_size(size: u64) -> bool {
+    size.is_power_of_two() && (MIN_ROM_SIZE..=MAX_ROM_SIZE).contains(&size)
+}
+
+/// The writable bits of the expansion ROM BAR of a ROM of `size` bytes (valid, see
+/// [`is_valid_rom_size`]): the address bits at or above the size, and the enable bit.
+/// Sizing (writing all-ones) reads them back.
+pub fn rom_register_mask(size: u64) -> u32 {
+    // A size past 32 bits would leave no address bits: clamp so that nothing overflows.
+    let size = size.clamp(MIN_ROM_SIZE, MAX_ROM_SIZE);
+    (!(size - 1) as u32 & ROM_ADDRESS_MASK) | ROM_ENABLE
+}
+
+/// Where an expansion ROM of `size` bytes whose BAR holds `register` decodes: its address,
+/// if the register's enable bit and the memory space bit of `command` are both set (PCI
+/// Local Bus 3.0, section 6.2.5.2), and `None` otherwise.
+pub fn rom_decode_address(register: u32, command: u16, size: u64) -> Option<u64> {
+    let enabled = register & ROM_ENABLE != 0 && command & command::MEMORY != 0;
+    (enabled && is_valid_rom_size(size))
+        .then(|| u64::from(register & rom_register_mask(size) & ROM_ADDRESS_MASK))
+}
+
 /// The identity of a function: what its type-0 header says about it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PciHeader {
@@ -161,6 +204,8 @@ pub struct ConfigSpace {
     data: [u8; CONFIG_SPACE_SIZE],
     writable: [u8; CONFIG_SPACE_SIZE],
     bars: Vec<PciBar>,
+    /// Size of the expansion ROM, if there is one.
+    rom: Option<u64>,
     /// Offset of the last capability, whose `next` pointer the next one goes into.
     last_capability: Option<usize>,
     /// First free byte of the capability area.
@@ -174,6 +219,7 @@ impl ConfigSpace {
             data: [0; CONFIG_SPACE_SIZE],
             writable: [0; CONFIG_SPACE_SIZE],
             bars: Vec::new(),
+            rom: None,
             last_capability: None,
             next_capability: FIRST_CAPABILITY,
         };
@@ -252,6 +298,42 @@ impl ConfigSpace {
             value |= u64::from(self.u32_at(offset + 4)) << 32;
         }
         Some(value & bar.address_mask())
+    }
+
+    /// Declares an expansion ROM of `size` bytes (a power of two, at least 2 KiB): the
+    /// address bits of the ROM BAR (0x30) at or above the size and its enable bit become
+    /// writable, so sizing works; it starts at address 0, disabled. Fails for a bad size or
+    /// a second ROM.
+    pub fn add_rom(&mut self, size: u64) -> Result<(), Error> {
+        if !is_valid_rom_size(size) {
+            return Err(Error::InvalidBarSize(size));
+        }
+        if self.rom.is_some() {
+            return Err(Error::BarInUse(ROM_BAR_INDEX));
+        }
+        self.set_u32(reg::ROM, 0);
+        self.set_mask(reg::ROM, &rom_register_mask(size).to_le_bytes());
+        self.rom = Some(size);
+        Ok(())
+    }
+
+    /// Size of the declared expansion ROM, if any.
+    pub fn rom_size(&self) -> Option<u64> {
+        self.rom
+    }
+
+    /// The address the expansion ROM BAR holds now (enable bit cleared), if a ROM is
+    /// declared; whether it decodes there is [`ConfigSpace::rom_decode_address`].
+    pub fn rom_address(&self) -> Option<u64> {
+        self.rom
+            .map(|_| u64::from(self.u32_at(reg::ROM) & ROM_ADDRESS_MASK))
+    }
+
+    /// Where the expansion ROM decodes now: its address if both its enable bit and the
+    /// command register's memory space bit are set, `None` otherwise (or without a ROM).
+    pub fn rom_decode_address(&self) -> Option<u64> {
+        let size = self.rom?;
+        rom_decode_address(self.u32_at(reg::ROM), self.command(), size)
     }
 
     /// Appends a capability with ID `id` and `body` (the bytes after the ID and next
@@ -578,6 +660,119 @@ mod tests {
         bytes[0x41] = 0x40;
         let found = capabilities(|at| bytes.get(at).copied().unwrap_or(0));
         assert_eq!(found.len(), 48);
+    }
+
+    #[test]
+    fn rom_bar_sizing_and_enable() {
+        let mut space = space();
+        assert_eq!(space.rom_size(), None);
+        assert_eq!(space.rom_address(), None);
+        space.add_rom(0x1_0000).unwrap();
+        assert_eq!(space.rom_size(), Some(0x1_0000));
+        assert_eq!((r32(&space, reg::ROM), space.rom_address()), (0, Some(0)));
+        // Sizing: the address bits of a 64 KiB ROM and the enable bit read back; bits 10:1
+        // and the address bits below the size stay 0.
+        w32(&mut space, reg::ROM, 0xffff_ffff);
+        assert_eq!(r32(&space, reg::ROM), 0xffff_0001);
+        w32(&mut space, reg::ROM, 0xffff_fffe);
+        assert_eq!(r32(&space, reg::ROM), 0xffff_0000);
+        // An address, without and with the enable bit.
+        w32(&mut space, reg::ROM, 0xe012_37fe);
+        assert_eq!(r32(&space, reg::ROM), 0xe012_0000);
+        assert_eq!(space.rom_address(), Some(0xe012_0000));
+        assert_eq!(space.rom_decode_address(), None, "ROM enable off");
+        w32(&mut space, reg::ROM, 0xe012_0001);
+        assert_eq!(space.rom_decode_address(), None, "memory decoding off");
+        space.write(reg::COMMAND, &command::MEMORY.to_le_bytes());
+        assert_eq!(space.rom_decode_address(), Some(0xe012_0000));
+        // The enable bit alone, by a byte write; then memory decoding alone.
+        space.write(reg::ROM, &[0]);
+        assert_eq!(space.rom_decode_address(), None);
+        assert_eq!(space.rom_address(), Some(0xe012_0000));
+        space.write(reg::ROM, &[1]);
+        assert_eq!(space.rom_decode_address(), Some(0xe012_0000));
+        space.write(reg::COMMAND, &[0, 0]);
+        assert_eq!(space.rom_decode_address(), None);
+        // The smallest ROM implements every address bit.
+        let mut small = ConfigSpace::new(&header());
+        small.add_rom(MIN_ROM_SIZE).unwrap();
+        w32(&mut small, reg::ROM, 0xffff_ffff);
+        assert_eq!(r32(&small, reg::ROM), 0xffff_f801);
+        // BARs are untouched by ROM writes.
+        assert_eq!(r32(&space, 0x10) & 0xf, 0xc);
+    }
+
+    #[test]
+    fn bad_roms_are_refused() {
+        let mut space = space();
+        for size in [0, 1, 0x400, 0x7ff, 0x1800, MAX_ROM_SIZE * 2, u64::MAX] {
+            assert!(
+                matches!(space.add_rom(size), Err(Error::InvalidBarSize(s)) if s == size),
+                "{size:#x}"
+            );
+        }
+        assert_eq!(space.rom_size(), None);
+        w32(&mut space, reg::ROM, 0xffff_ffff);
+        assert_eq!(r32(&space, reg::ROM), 0, "no ROM: the register stays 0");
+        space.add_rom(MAX_ROM_SIZE).unwrap();
+        assert!(matches!(
+            space.add_rom(0x800),
+            Err(Error::BarInUse(ROM_BAR_INDEX))
+        ));
+        assert_eq!(space.rom_size(), Some(MAX_ROM_SIZE));
+        w32(&mut space, reg::ROM, 0xffff_ffff);
+        assert_eq!(r32(&space, reg::ROM), 0x8000_0001);
+    }
+
+    #[test]
+    fn rom_bar_survives_hostile_writes_of_any_width() {
+        let mut space = space();
+        space.add_rom(0x8000).unwrap();
+        let mut seed = 0x0fed_cba9_8765_4321;
+        // Every width at every offset that touches the ROM BAR, including straddling ones.
+        for _ in 0..64 {
+            for offset in reg::ROM - 7..reg::ROM + 4 {
+                for width in [1usize, 2, 3, 4, 8] {
+                    let value = rng(&mut seed).to_le_bytes();
+                    space.write(offset, &value[..width]);
+                    let register = r32(&space, reg::ROM);
+                    assert_eq!(register & !0xffff_8001, 0, "read-only bits: {register:#x}");
+                    if let Some(address) = space.rom_address() {
+                        assert_eq!(address % 0x8000, 0);
+                    }
+                }
+            }
+        }
+        // The neighbours keep their read-only fields.
+        assert_eq!(r32(&space, 0x2c), 0xef01_abcd);
+        assert_eq!(space.u8_at(reg::CAPABILITIES), 0x40);
+        // Sizing still answers after all that.
+        w32(&mut space, reg::ROM, 0xffff_ffff);
+        assert_eq!(r32(&space, reg::ROM), 0xffff_8001);
+    }
+
+    #[test]
+    fn rom_helpers() {
+        assert!(is_valid_rom_size(MIN_ROM_SIZE));
+        assert!(!is_valid_rom_size(MIN_ROM_SIZE / 2));
+        assert_eq!(rom_register_mask(0x800), 0xffff_f801);
+        assert_eq!(rom_register_mask(0x2_0000), 0xfffe_0001);
+        // Out-of-range sizes are clamped rather than overflowing.
+        assert_eq!(rom_register_mask(0), 0xffff_f801);
+        assert_eq!(rom_register_mask(u64::MAX), 0x8000_0001);
+        let memory = command::MEMORY;
+        assert_eq!(
+            rom_decode_address(0xe000_0001, memory, 0x800),
+            Some(0xe000_0000)
+        );
+        // Address bits below the size are not decoded.
+        assert_eq!(
+            rom_decode_address(0xe000_f801, memory, 0x1_0000),
+            Some(0xe000_0000)
+        );
+        assert_eq!(rom_decode_address(0xe000_0000, memory, 0x800), None);
+        assert_eq!(rom_decode_address(0xe000_0001, command::IO, 0x800), None);
+        assert_eq!(rom_decode_address(0xe000_0001, memory, 0x801), None);
     }
 
     #[test]

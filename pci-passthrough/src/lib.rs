@@ -5,18 +5,23 @@
 //! - [`PciBus`] is the root complex: a host bridge at 00:00.0 and functions by
 //!   bus/device/function. Guests reach configuration space through [`PciConfigIo`] (ports
 //!   0xCF8-0xCFF) or [`PciConfigMmio`] (an ECAM window); absent functions read all-ones.
-//!   [`PciBus::add_device`] places BARs from [`BarWindows`]; when the guest moves a BAR or
-//!   switches decoding, the bus tells the VMM's [`BarMapper`], which moves the BAR's
-//!   [`BarAccess`] and ioeventfds on its own buses.
+//!   [`PciBus::add_device`] places BARs, and the expansion ROM a function declares
+//!   ([`PciDevice::rom_size`]), from [`BarWindows`]; when the guest moves a BAR or switches
+//!   decoding, the bus tells the VMM's [`BarMapper`], which moves the BAR's [`BarAccess`]
+//!   and ioeventfds on its own buses. The ROM is mapped like a 32-bit memory BAR with index
+//!   [`ROM_BAR_INDEX`] (6, VFIO's ROM region), read-only, when both its enable bit and
+//!   memory decoding are on.
 //! - [`ConfigSpace`] is a type-0 header with write masks (read-only fields stay read-only
-//!   whatever the guest writes), BAR sizing and a capability list builder.
+//!   whatever the guest writes), BAR and expansion ROM BAR sizing and a capability list
+//!   builder.
 //! - [`MsixConfig`] models an MSI-X table and PBA; it tells an [`MsiRouting`] sink which
 //!   vectors deliver which message. [`kvm::KvmGsiRouter`] is that sink for KVM (GSI routes
 //!   plus irqfds), [`EventFdMsiRouting`] one without a hypervisor. [`MsiConfig`] does the
 //!   same for an MSI capability.
 //! - [`vfio::VfioPciDevice`] passes a real function through: its configuration space
-//!   virtualized over the device's (BARs, MSI and MSI-X in a shadow, the rest read and
-//!   written through), BARs trapped or mapped into the guest through a
+//!   virtualized over the device's (BARs, the ROM BAR, MSI and MSI-X in a shadow, the rest
+//!   read and written through), its expansion ROM read through the backend, BARs trapped
+//!   or mapped into the guest through a
 //!   [`vfio::DirectMapper`] (a KVM memory slot: [`vfio::KvmDirectMapper`]), and interrupts
 //!   handed to the device as the eventfds of the [`MsiRouting`] sinks an [`MsiAllocator`]
 //!   gives. It sits on a [`vfio::VfioBackend`]: kernel VFIO ([`vfio::kernel`]), a vfio-user
@@ -39,7 +44,7 @@ pub use bus::{
     BarAccess, BarMapper, BarRegion, HostBridge, NoBarMapper, PciAddress, PciBus, PciConfigIo,
     PciConfigMmio, PciDevice,
 };
-pub use config::{BarKind, ConfigSpace, PciBar, PciHeader};
+pub use config::{BarKind, ConfigSpace, PciBar, PciHeader, ROM_BAR_INDEX};
 pub use msi::{MsiCapability, MsiConfig};
 pub use msix::{
     Delivery, EventFdMsiAllocator, EventFdMsiRouting, MsiAllocator, MsiKind, MsiMessage,
@@ -52,10 +57,11 @@ pub enum Error {
     /// A BAR index past 5, a 64-bit BAR at index 5, or a prefetchable I/O BAR.
     #[error("invalid BAR {0}")]
     InvalidBar(u8),
-    /// The BAR register is already used by another BAR.
+    /// The BAR register is already used by another BAR (6: a second expansion ROM).
     #[error("BAR {0} is already declared")]
     BarInUse(u8),
-    /// BAR sizes are powers of two within the limits of their kind.
+    /// BAR sizes are powers of two within the limits of their kind (expansion ROMs: 2 KiB
+    /// to 2 GiB).
     #[error("invalid BAR size {0:#x}")]
     InvalidBarSize(u64),
     /// The capability does not fit in the configuration space.

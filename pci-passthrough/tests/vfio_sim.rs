@@ -1,13 +1,14 @@
 //! The VFIO device model against the simulated virtio-net function, on a PCI bus: BAR
-//! placement and direct mapping, MSI-X through the backend, reset, hostile guests and a
-//! device that vanishes, and (with /dev/kvm) a real guest touching a passed-through BAR.
+//! placement and direct mapping, the expansion ROM, MSI-X through the backend, reset,
+//! hostile guests and a device that vanishes, and (with /dev/kvm) a real guest touching a
+//! passed-through BAR.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vm_memory::{GuestAddress, GuestMemoryMmap};
-use vmkit_pci_passthrough::vfio::backend::{MSIX_IRQ, MSI_IRQ};
+use vmkit_pci_passthrough::vfio::backend::{MSIX_IRQ, MSI_IRQ, ROM_REGION};
 use vmkit_pci_passthrough::vfio::sim::{
-    SimSpec, SimulatedDevice, VIRTIO_NET_MSIX_PBA, VIRTIO_NET_MSIX_TABLE,
+    rom_image, SimSpec, SimulatedDevice, VIRTIO_NET_MSIX_PBA, VIRTIO_NET_MSIX_TABLE,
 };
 use vmkit_pci_passthrough::vfio::{
     dma_map_guest_memory, DirectMapper, DirectMapping, VfioBackend, VfioError, VfioPciDevice,
@@ -15,7 +16,7 @@ use vmkit_pci_passthrough::vfio::{
 };
 use vmkit_pci_passthrough::{
     AddressWindow, BarAccess, BarMapper, BarRegion, BarWindows, EventFdMsiAllocator, MsiAllocator,
-    MsiKind, NoBarMapper, PciAddress, PciBus, PciConfigIo, PciConfigMmio, PciDevice,
+    MsiKind, NoBarMapper, PciAddress, PciBus, PciConfigIo, PciConfigMmio, PciDevice, ROM_BAR_INDEX,
 };
 
 const MMIO64_BASE: u64 = 0x1_0000_0000;
@@ -97,6 +98,25 @@ struct MmioBus {
 }
 
 impl MmioBus {
+    /// A read at `address`: whether a BAR is there (`data` untouched otherwise).
+    fn read(&self, address: u64, data: &mut [u8]) -> bool {
+        let bars = lock(&self.bars);
+        let hit = bars
+            .iter()
+            .find(|(r, _)| r.base <= address && address < r.base + r.size);
+        if let Some((region, access)) = hit {
+            access.read(address - region.base, data);
+        }
+        hit.is_some()
+    }
+
+    /// The regions on the bus now, by BAR index.
+    fn regions(&self) -> Vec<BarRegion> {
+        let mut regions: Vec<BarRegion> = lock(&self.bars).iter().map(|(r, _)| *r).collect();
+        regions.sort_by_key(|r| r.bar);
+        regions
+    }
+
     fn write(&self, address: u64, data: &[u8]) -> bool {
         let bars = lock(&self.bars);
         let hit = bars
@@ -260,6 +280,85 @@ fn the_model_leaves_out_msix_pages_even_when_the_backend_offers_them() {
 }
 
 #[test]
+fn the_rom_is_placed_enabled_by_the_guest_and_read_through_the_bus() {
+    let rig = rig(SimSpec::virtio_net().with_rom(0x1_0000));
+    let mmio = Arc::new(MmioBus::default());
+    let bus = Arc::new(PciBus::new(windows(), mmio.clone()));
+    let regions = bus.add_device(addr(1), rig.device.clone()).unwrap();
+    assert_eq!(regions.len(), 2);
+    let (bar0, rom) = (regions[0], regions[1]);
+    assert!(rom.is_rom() && rom.bar == ROM_BAR_INDEX);
+    // The ROM goes in the 32-bit window (BAR 0 went in the 64-bit one), disabled.
+    assert_eq!((rom.base, rom.size), (0xe000_0000, 0x1_0000));
+    let io = PciConfigIo::new(bus.clone());
+    assert_eq!(cf8_read(&io, addr(1), 0x30, 4), 0xe000_0000);
+    // Memory decoding alone maps BAR 0, not the ROM.
+    cf8_write(&io, addr(1), 0x04, 0x0002, 2);
+    assert_eq!(mmio.regions(), vec![bar0]);
+    // The ROM enable bit too: the ROM is on the MMIO bus, and only there (no direct
+    // mapping: the KVM slots are BAR 0's).
+    cf8_write(&io, addr(1), 0x30, 0xe000_0001, 4);
+    assert_eq!(mmio.regions(), vec![bar0, rom]);
+    assert_eq!(rig.mapper.live(), expected_mappings(bar0.base));
+    // A guest reading the ROM through the bus gets the device's ROM image: the option ROM
+    // signature first, then the pattern.
+    let image = rom_image(0x1_0000);
+    let mut signature = [0u8; 2];
+    assert!(mmio.read(rom.base, &mut signature));
+    assert_eq!(signature, [0x55, 0xaa]);
+    let trapped = rig.sim.trapped_accesses();
+    let mut copy = vec![0u8; 0x1_0000];
+    for (i, dword) in copy.chunks_mut(4).enumerate() {
+        assert!(mmio.read(rom.base + 4 * i as u64, dword));
+    }
+    assert_eq!(copy, image);
+    assert_eq!(
+        rig.sim.trapped_accesses(),
+        trapped + 0x4000,
+        "each read is trapped"
+    );
+    // Writes to the ROM are dropped: the backend never sees them.
+    let trapped = rig.sim.trapped_accesses();
+    assert!(mmio.write(rom.base, &[0; 4]));
+    assert_eq!(rig.sim.trapped_accesses(), trapped);
+    assert_eq!(rig.sim.peek(ROM_REGION, 0, 4), image[..4]);
+    // Moved by the guest: off the old place, readable at the new one.
+    cf8_write(&io, addr(1), 0x30, 0xe100_0001, 4);
+    assert!(!mmio.read(rom.base, &mut signature));
+    assert!(mmio.read(0xe100_0000, &mut signature));
+    assert_eq!(signature, [0x55, 0xaa]);
+    // ROM enable off: gone from the bus; BAR 0 stays.
+    cf8_write(&io, addr(1), 0x30, 0xe100_0000, 4);
+    assert_eq!(mmio.regions(), vec![bar0]);
+    // The ROM BAR never reached the device's configuration space.
+    assert!(rig
+        .sim
+        .config_writes()
+        .iter()
+        .all(|(offset, bytes)| { *offset >= 0x34 || offset + bytes.len() as u64 <= 0x30 }));
+}
+
+#[test]
+fn without_a_rom_region_the_rom_bar_reads_0_and_nothing_is_placed() {
+    let rig = rig(SimSpec::virtio_net());
+    assert_eq!(rig.device.rom_size(), None);
+    let mmio = Arc::new(MmioBus::default());
+    let bus = Arc::new(PciBus::new(windows(), mmio.clone()));
+    let regions = bus.add_device(addr(1), rig.device.clone()).unwrap();
+    assert_eq!(regions.len(), 1);
+    assert!(!regions[0].is_rom());
+    let io = PciConfigIo::new(bus.clone());
+    assert_eq!(cf8_read(&io, addr(1), 0x30, 4), 0);
+    cf8_write(&io, addr(1), 0x04, 0x0002, 2);
+    for value in [0xffff_ffff, 0xe000_0001, 0x0000_0001] {
+        cf8_write(&io, addr(1), 0x30, value, 4);
+        assert_eq!(cf8_read(&io, addr(1), 0x30, 4), 0);
+    }
+    assert_eq!(mmio.regions(), vec![regions[0]]);
+    assert!(bus.mapped_bars(addr(1)).iter().all(|r| !r.is_rom()));
+}
+
+#[test]
 fn msix_vectors_reach_the_routing_eventfds_and_masked_ones_pend() {
     let rig = rig(SimSpec::virtio_net());
     let bus = Arc::new(PciBus::new(windows(), Arc::new(NoBarMapper)));
@@ -387,7 +486,7 @@ fn next(seed: &mut u64) -> u64 {
 
 #[test]
 fn hostile_configuration_writes_everywhere() {
-    let rig = rig(SimSpec::virtio_net().with_intx(1));
+    let rig = rig(SimSpec::virtio_net().with_intx(1).with_rom(0x800));
     let bus = Arc::new(PciBus::new(windows(), Arc::new(NoBarMapper)));
     bus.add_device(addr(1), rig.device.clone()).unwrap();
     let ecam = PciConfigMmio::new(bus.clone(), 1);
@@ -425,6 +524,10 @@ fn hostile_configuration_writes_everywhere() {
         let end = offset + bytes.len() as u64;
         end <= 0x10 || (*offset >= 0x28 && end <= 0x30) || *offset >= 0x34
     }));
+    // The ROM BAR kept its read-only bits, and the ROM its content.
+    ecam.read(addr(1).ecam_offset() + 0x30, &mut data);
+    assert_eq!(u32::from_le_bytes(data) & 0x7fe, 0);
+    assert_eq!(rig.sim.peek(ROM_REGION, 0, 0x800), rom_image(0x800));
     // Whatever the guest left in MSI-X, switched off the device still works.
     ecam.write(addr(1).ecam_offset() + 0x98, &0u32.to_le_bytes());
     rig.device.bar_write(0, 0x10, &[7]);
@@ -447,6 +550,9 @@ fn hostile_configuration_writes_everywhere() {
             rig.device.bar_write(0, offset, &buf[..width]);
             rig.device.bar_read(0, offset, &mut buf[..width]);
             rig.device.bar_read(9, offset, &mut buf[..width]);
+            rig.device
+                .bar_read(ROM_BAR_INDEX, offset, &mut buf[..width]);
+            rig.device.bar_write(ROM_BAR_INDEX, offset, &buf[..width]);
         }
     }
 }

@@ -5,12 +5,13 @@
 //! byte by byte, who answers the guest:
 //!
 //! - **The shadow only** (never written to the device): the BARs (sizing with all-ones
-//!   works, type bits are read-only), the expansion ROM BAR (reads 0: the ROM is hidden,
-//!   the bus has no ROM BAR), the capability pointer and every capability's ID and `next`
-//!   byte (so the list is the one the model decided on), the interrupt line (the firmware's
-//!   scratch byte) and pin (0 unless the device has an INTx line the backend offers), the
-//!   header type's multi-function bit (0: the function sits alone in its slot), and the MSI
-//!   and MSI-X capabilities, which the model turns into `set_irqs` calls.
+//!   works, type bits are read-only), the expansion ROM BAR (address and enable bit, sized
+//!   from the ROM region; 0 without a ROM), the capability pointer and every capability's
+//!   ID and `next` byte (so the list is the one the model decided on), the interrupt line
+//!   (the firmware's scratch byte) and pin (0 unless the device has an INTx line the
+//!   backend offers), the header type's multi-function bit (0: the function sits alone in
+//!   its slot), and the MSI and MSI-X capabilities, which the model turns into `set_irqs`
+//!   calls.
 //! - **The shadow, forwarded**: the command register is answered from the shadow (the bus
 //!   reads it after every write) and written through to the device. The model writes 0
 //!   into it at attach, so the device neither decodes nor masters DMA until the guest asks.
@@ -42,6 +43,15 @@
 //! [`DirectMapper`], the mappable parts of memory BARs (page-aligned, without the pages
 //! holding the MSI-X table and PBA) are mmapped once at attach and put into the guest where
 //! the BAR decodes, moved in [`PciDevice::bar_moved`] and removed when decoding stops.
+//!
+//! # Expansion ROM
+//! If the backend's ROM region (6) exists and is readable, the function has an expansion
+//! ROM ([`PciDevice::rom_size`]): the region's size rounded up to a power of two, at least
+//! 2 KiB (a region past 2 GiB is hidden). The bus places and maps it; guest reads (BAR
+//! [`ROM_BAR_INDEX`], which is VFIO's region number) go to `region_read(ROM_REGION, ..)`,
+//! bytes past the region and failed reads answer all-ones, and writes are dropped. It is
+//! never mapped directly: firmware and drivers read it rarely, and kernel VFIO does not let
+//! it be mmapped anyway.
 //!
 //! # Interrupts
 //! One interrupt index at a time is connected (kernel VFIO refuses more): MSI-X if the guest
@@ -79,12 +89,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{
-    BackendError, RegionInfo, VfioBackend, CONFIG_REGION, INTX_IRQ, MSIX_IRQ, MSI_IRQ,
+    BackendError, RegionInfo, VfioBackend, CONFIG_REGION, INTX_IRQ, MSIX_IRQ, MSI_IRQ, ROM_REGION,
 };
 use super::{DirectMapper, DirectMapping, MappedArea, VfioError};
 use crate::bus::PciDevice;
 use crate::config::{
-    command, reg, BarKind, PciBar, CONFIG_SPACE_SIZE, NUM_BARS, STATUS_CAPABILITIES_LIST,
+    command, is_valid_rom_size, reg, rom_register_mask, BarKind, PciBar, CONFIG_SPACE_SIZE,
+    MIN_ROM_SIZE, NUM_BARS, ROM_BAR_INDEX, STATUS_CAPABILITIES_LIST,
 };
 use crate::msi::{MsiCapability, MsiConfig, MSI_CAPABILITY_ID, MSI_CONTROL_OFFSET};
 use crate::msix::{
@@ -116,6 +127,9 @@ const HEADER_TYPE_MULTI_FUNCTION: u8 = 0x80;
 const MAX_CAPABILITIES: usize = 48;
 /// Capabilities start after the type-0 header.
 const FIRST_CAPABILITY: usize = 0x40;
+
+// The bus numbers the ROM as VFIO does, so one index serves both.
+const _: () = assert!(ROM_BAR_INDEX as u32 == ROM_REGION);
 
 /// Capabilities passed through by default: power management (0x01), vendor-specific (0x09)
 /// and PCI Express (0x10).
@@ -159,6 +173,16 @@ impl std::fmt::Debug for VfioPciOptions<'_> {
 struct Bar {
     pci: PciBar,
     region: RegionInfo,
+}
+
+/// The function's expansion ROM.
+#[derive(Clone, Copy, Debug)]
+struct Rom {
+    /// What the ROM BAR decodes: the region's size rounded up to a power of two (2 KiB at
+    /// least).
+    size: u64,
+    /// Bytes of the region; reads past them answer all-ones.
+    region_size: u64,
 }
 
 /// Where MSI-X lives: its capability and the table and PBA, as the device declares them.
@@ -406,6 +430,7 @@ pub struct VfioPciDevice {
     backend: Arc<dyn VfioBackend>,
     can_reset: bool,
     bars: Vec<Bar>,
+    rom: Option<Rom>,
     msix_layout: Option<MsixLayout>,
     interrupt_pin: u8,
     layout: Box<ConfigLayout>,
@@ -419,6 +444,7 @@ impl std::fmt::Debug for VfioPciDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VfioPciDevice")
             .field("bars", &self.bars)
+            .field("rom", &self.rom)
             .field("msix", &self.msix_layout)
             .field("interrupt_pin", &self.interrupt_pin)
             .finish()
@@ -457,6 +483,7 @@ impl VfioPciDevice {
             )));
         }
         let bars = discover_bars(backend.as_ref(), &snapshot)?;
+        let rom = discover_rom(backend.as_ref())?;
         let irq_count = |index| backend.irq_info(index).map_or(0, |i| i.count);
         let capabilities = walk_capabilities(&snapshot);
 
@@ -525,7 +552,14 @@ impl VfioPciDevice {
             msi: None,
             msix_control: None,
         });
-        virtualize_header(&mut layout, &mut shadow, &snapshot, &bars, interrupt_pin);
+        virtualize_header(
+            &mut layout,
+            &mut shadow,
+            &snapshot,
+            &bars,
+            rom,
+            interrupt_pin,
+        );
 
         let virtualized = VirtualizedCapabilities {
             msix: msix_layout
@@ -560,6 +594,7 @@ impl VfioPciDevice {
             }),
             gone_reported: AtomicBool::new(false),
             bars,
+            rom,
             backend,
         };
         // Decoding and bus mastering stay off until the guest turns them on.
@@ -666,6 +701,21 @@ impl VfioPciDevice {
 
     fn bar(&self, index: u8) -> Option<&Bar> {
         self.bars.iter().find(|b| b.pci.index == index)
+    }
+
+    /// A guest read of the expansion ROM: the region's bytes, all-ones past its end (the
+    /// power-of-two ROM BAR can be bigger) or if the read fails.
+    fn read_rom(&self, rom: &Rom, offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+        let inside = rom.region_size.saturating_sub(offset);
+        let len = usize::try_from(inside).map_or(data.len(), |n| n.min(data.len()));
+        let Some(piece) = data.get_mut(..len).filter(|p| !p.is_empty()) else {
+            return;
+        };
+        if let Err(e) = self.backend.region_read(ROM_REGION, offset, piece) {
+            self.report("ROM read", &e);
+            piece.fill(0xff);
+        }
     }
 
     /// Mmaps the mappable parts of every memory BAR, leaving out the MSI-X pages.
@@ -961,7 +1011,15 @@ impl PciDevice for VfioPciDevice {
         self.bars.iter().map(|b| b.pci).collect()
     }
 
+    fn rom_size(&self) -> Option<u64> {
+        self.rom.map(|rom| rom.size)
+    }
+
     fn bar_read(&self, bar: u8, offset: u64, data: &mut [u8]) {
+        if let (ROM_BAR_INDEX, Some(rom)) = (bar, self.rom.as_ref()) {
+            self.read_rom(rom, offset, data);
+            return;
+        }
         if self.bar(bar).is_none() || offset.checked_add(data.len() as u64).is_none() {
             data.fill(0xff);
             return;
@@ -994,6 +1052,7 @@ impl PciDevice for VfioPciDevice {
     }
 
     fn bar_write(&self, bar: u8, offset: u64, data: &[u8]) {
+        // The ROM (no `Bar`) is read-only: its writes end here too, whoever sends them.
         if self.bar(bar).is_none() || offset.checked_add(data.len() as u64).is_none() {
             return;
         }
@@ -1143,13 +1202,14 @@ fn lay_out_capabilities(
     }
 }
 
-/// The header bytes the model answers: BARs, ROM, interrupt line and pin, multi-function
-/// bit, command register (shadowed and forwarded).
+/// The header bytes the model answers: BARs, ROM BAR, interrupt line and pin,
+/// multi-function bit, command register (shadowed and forwarded).
 fn virtualize_header(
     layout: &mut ConfigLayout,
     shadow: &mut [u8; CONFIG_SPACE_SIZE],
     snapshot: &[u8; CONFIG_SPACE_SIZE],
     bars: &[Bar],
+    rom: Option<Rom>,
     interrupt_pin: u8,
 ) {
     for at in reg::BAR0..reg::BAR0 + 4 * NUM_BARS {
@@ -1170,8 +1230,14 @@ fn virtualize_header(
             }
         }
     }
-    for at in reg::ROM..reg::ROM + 4 {
-        layout.virtualize(shadow, at, 0, 0);
+    // The ROM BAR: address bits and enable bit writable if there is a ROM, all 0 (no ROM)
+    // otherwise. The device's own ROM BAR is the host's business (kernel VFIO enables it
+    // around its reads).
+    let rom_mask = rom
+        .map_or(0, |rom| rom_register_mask(rom.size))
+        .to_le_bytes();
+    for (i, &writable) in rom_mask.iter().enumerate() {
+        layout.virtualize(shadow, reg::ROM + i, 0, writable);
     }
     let command = command::WRITABLE.to_le_bytes();
     for (i, &writable) in command.iter().enumerate() {
@@ -1257,6 +1323,37 @@ fn discover_bars(
         });
     }
     Ok(bars)
+}
+
+/// The expansion ROM, if the backend has a readable ROM region the ROM BAR can describe.
+fn discover_rom(backend: &dyn VfioBackend) -> Result<Option<Rom>, VfioError> {
+    let region = match backend.region_info(ROM_REGION) {
+        Ok(region) => region,
+        Err(e @ BackendError::Gone(_)) => return Err(e.into()),
+        Err(e) => {
+            log::warn!("vfio: expansion ROM: {e}; hidden");
+            return Ok(None);
+        }
+    };
+    if region.size == 0 || !region.read {
+        return Ok(None);
+    }
+    let size = region
+        .size
+        .checked_next_power_of_two()
+        .map(|s| s.max(MIN_ROM_SIZE))
+        .filter(|&s| is_valid_rom_size(s));
+    let Some(size) = size else {
+        log::warn!(
+            "vfio: expansion ROM of {:#x} bytes cannot be described; hidden",
+            region.size
+        );
+        return Ok(None);
+    };
+    Ok(Some(Rom {
+        size,
+        region_size: region.size,
+    }))
 }
 
 /// The device's capability list: (id, offset) in list order. Stops at a pointer into the
@@ -1395,7 +1492,7 @@ fn u32_at(bytes: &[u8; CONFIG_SPACE_SIZE], offset: usize) -> u32 {
 mod tests {
     use super::*;
     use crate::msix::EventFdMsiAllocator;
-    use crate::vfio::sim::{SimSpec, SimulatedDevice};
+    use crate::vfio::sim::{rom_image, SimSpec, SimulatedDevice};
 
     fn attach(
         spec: SimSpec,
@@ -1467,6 +1564,7 @@ mod tests {
         assert_eq!(read(&device, 0x14, 4), 0xffff_ffff);
         assert_eq!(read(&device, 0x18, 4), 0);
         assert_eq!(read(&device, 0x30, 4), 0);
+        assert_eq!(device.rom_size(), None, "no ROM region: no ROM");
         write(&device, 0x10, 0xe008_1234, 4);
         write(&device, 0x14, 0x1, 4);
         assert_eq!(read(&device, 0x10, 4), 0xe008_0004);
@@ -1707,6 +1805,78 @@ mod tests {
         assert_eq!(word, [0xff; 4]);
         device.bar_read(4, 0, &mut word);
         assert_eq!(word, [0xff; 4]);
+    }
+
+    #[test]
+    fn the_rom_bar_is_shadowed_and_reads_go_to_the_rom_region() {
+        let (device, sim) = attach(SimSpec::virtio_net().with_rom(0x1_0000), None);
+        assert_eq!(device.rom_size(), Some(0x1_0000));
+        assert_eq!(device.bars().len(), 1, "the ROM is not one of the BARs");
+        // The ROM BAR: disabled at 0, sized by all-ones, reserved bits read 0.
+        assert_eq!(read(&device, 0x30, 4), 0);
+        write(&device, 0x30, 0xffff_ffff, 4);
+        assert_eq!(read(&device, 0x30, 4), 0xffff_0001);
+        write(&device, 0x30, 0xe012_37ff, 4);
+        assert_eq!(read(&device, 0x30, 4), 0xe012_0001);
+        write(&device, 0x30, 0, 1);
+        assert_eq!(read(&device, 0x30, 4), 0xe012_0000);
+        write(&device, 0x32, 0xabcd, 2);
+        assert_eq!(read(&device, 0x30, 4), 0xabcd_0000);
+        assert_eq!(bar_writes(&sim), 0, "ROM BAR writes reached the device");
+        // Reads are the ROM region's; a read past its end is all-ones there.
+        let image = rom_image(0x1_0000);
+        let mut data = [0u8; 8];
+        device.bar_read(ROM_BAR_INDEX, 0, &mut data);
+        assert_eq!(data[..], image[..8]);
+        device.bar_read(ROM_BAR_INDEX, 0x1234, &mut data[..2]);
+        assert_eq!(data[..2], image[0x1234..0x1236]);
+        device.bar_read(ROM_BAR_INDEX, 0xfffe, &mut data[..4]);
+        assert_eq!(data[..4], [image[0xfffe], image[0xffff], 0xff, 0xff]);
+        // Writes are dropped before the backend.
+        let trapped = sim.trapped_accesses();
+        device.bar_write(ROM_BAR_INDEX, 0, &[0; 4]);
+        assert_eq!(sim.trapped_accesses(), trapped);
+        assert_eq!(sim.peek(ROM_REGION, 0, 4), image[..4]);
+        // Hostile offsets and widths: no panic, all-ones outside.
+        for offset in [0x1_0000, 0x1_0001, u64::MAX - 1, u64::MAX] {
+            let mut buf = [0u8; 16];
+            device.bar_read(ROM_BAR_INDEX, offset, &mut buf);
+            assert_eq!(buf, [0xff; 16], "{offset:#x}");
+            device.bar_write(ROM_BAR_INDEX, offset, &buf);
+        }
+        // A vanished device's ROM reads all-ones; the shadow still answers.
+        sim.set_gone(true);
+        device.bar_read(ROM_BAR_INDEX, 0, &mut data);
+        assert_eq!(data, [0xff; 8]);
+        assert_eq!(read(&device, 0x30, 4), 0xabcd_0000);
+    }
+
+    #[test]
+    fn rom_sizes_are_rounded_up_and_absent_roms_stay_hidden() {
+        // 6 KiB: an 8 KiB ROM BAR whose last 2 KiB read all-ones.
+        let (device, _) = attach(SimSpec::virtio_net().with_rom(0x1800), None);
+        assert_eq!(device.rom_size(), Some(0x2000));
+        write(&device, 0x30, 0xffff_ffff, 4);
+        assert_eq!(read(&device, 0x30, 4), 0xffff_e001);
+        let image = rom_image(0x1800);
+        let mut data = [0u8; 4];
+        device.bar_read(ROM_BAR_INDEX, 0x17fe, &mut data);
+        assert_eq!(data, [image[0x17fe], image[0x17ff], 0xff, 0xff]);
+        device.bar_read(ROM_BAR_INDEX, 0x1f00, &mut data);
+        assert_eq!(data, [0xff; 4]);
+        // 512 bytes: the smallest ROM BAR, 2 KiB.
+        let (device, _) = attach(SimSpec::virtio_net().with_rom(0x200), None);
+        assert_eq!(device.rom_size(), Some(MIN_ROM_SIZE));
+        write(&device, 0x30, 0xffff_ffff, 4);
+        assert_eq!(read(&device, 0x30, 4), 0xffff_f801);
+        device.bar_read(ROM_BAR_INDEX, 0, &mut data);
+        assert_eq!(data[..3], [0x55, 0xaa, 1]);
+        // No ROM: the register stays 0 and ROM reads answer all-ones.
+        let (device, _) = attach(SimSpec::virtio_net(), None);
+        write(&device, 0x30, 0xffff_ffff, 4);
+        assert_eq!(read(&device, 0x30, 4), 0);
+        device.bar_read(ROM_BAR_INDEX, 0, &mut data);
+        assert_eq!(data, [0xff; 4]);
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //! non-prefetchable memory, holding the virtio structures, the MSI-X table (3 vectors, at
 //! 0x8000) and the PBA (at 0x48000). The BAR is memory-backed (a memfd) so
 //! [`VfioBackend::map_region`] works, and its sparse-mmap areas leave out the MSI-X table and
-//! PBA pages, as kernel VFIO does. [`SimSpec`] builders add INTx, MSI and other
-//! capabilities.
+//! PBA pages, as kernel VFIO does. [`SimSpec`] builders add INTx, MSI, other capabilities
+//! and an expansion ROM ([`SimSpec::with_rom`]: region 6, read-only, holding
+//! [`rom_image`]).
 //!
 //! Test hooks: [`SimulatedDevice::fire`] signals the eventfd the model gave for a vector,
 //! [`SimulatedDevice::set_gone`] makes every call fail with [`BackendError::Gone`] (the
@@ -75,6 +76,21 @@ const VIRTIO_NET_MSIX_CAPABILITY: usize = 0x98;
 
 /// Pages are 4 KiB in the sparse areas the simulated device declares.
 const PAGE: u64 = 0x1000;
+
+/// The content of a simulated expansion ROM of `size` bytes: a PCI option ROM header's
+/// signature (0x55 0xAA), its length in 512-byte units (saturating at 255), then a pattern
+/// in which neighbouring bytes and 256-byte pages differ, so a misplaced read shows.
+pub fn rom_image(size: u64) -> Vec<u8> {
+    let size = usize::try_from(size).unwrap_or(usize::MAX);
+    let blocks = u8::try_from(size / 512).unwrap_or(u8::MAX);
+    let header = [0x55, 0xaa, blocks];
+    (0..size)
+        .map(|i| match header.get(i) {
+            Some(&byte) => byte,
+            None => (i as u8).wrapping_mul(7) ^ (i >> 8) as u8,
+        })
+        .collect()
+}
 
 /// One memory region (a BAR or the expansion ROM) of a simulated device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -173,6 +189,21 @@ impl SimSpec {
         spec
     }
 
+    /// Gives the function an expansion ROM of `size` bytes: region 6, readable, not writable
+    /// nor mmappable (like kernel VFIO's), holding [`rom_image`] (which a reset keeps).
+    /// Replaces a ROM already there.
+    pub fn with_rom(mut self, size: u64) -> Self {
+        self.regions.retain(|r| r.index != ROM_REGION);
+        self.regions.push(SimRegion {
+            index: ROM_REGION,
+            size,
+            mmap: false,
+            sparse_mmap: Vec::new(),
+            msix_mappable: false,
+        });
+        self
+    }
+
     /// Gives the function an INTx line on pin `pin` (1-4: INTA#-INTD#).
     pub fn with_intx(mut self, pin: u8) -> Self {
         self.intx = true;
@@ -253,7 +284,9 @@ impl SimulatedDevice {
         let mut memory = BTreeMap::new();
         for region in spec.regions.iter().filter(|r| r.size > 0) {
             let name = format!("vmkit-sim-region-{}", region.index);
-            memory.insert(region.index, memfd_file(&name, region.size)?);
+            let file = memfd_file(&name, region.size)?;
+            file.write_all_at(&initial_content(region.index, region.size), 0)?;
+            memory.insert(region.index, file);
         }
         let config_writable = config_write_mask(&spec);
         Ok(SimulatedDevice {
@@ -450,6 +483,16 @@ fn config_write_mask(spec: &SimSpec) -> [u8; CONFIG_SPACE_SIZE] {
         }
     }
     mask
+}
+
+/// What region `index` of `size` bytes holds after reset: the ROM image for the ROM,
+/// zeroes for a BAR.
+fn initial_content(index: u32, size: u64) -> Vec<u8> {
+    if index == ROM_REGION {
+        rom_image(size)
+    } else {
+        vec![0; usize::try_from(size).unwrap_or(0)]
+    }
 }
 
 /// A memfd of `size` bytes (zeroes), for memory a test maps like a device's.
@@ -698,9 +741,9 @@ impl VfioBackend for SimulatedDevice {
         state.intx_unmask = None;
         for (index, file) in &self.memory {
             let size = self.spec.region(*index).map_or(0, |r| r.size);
-            // Zeroes in place: the model's mappings of the memory stay valid.
-            let zeroes = vec![0u8; usize::try_from(size).unwrap_or(0)];
-            file.write_all_at(&zeroes, 0)
+            // In place: the model's mappings of the memory stay valid. The ROM keeps its
+            // image (it is read-only memory), BARs go back to zeroes.
+            file.write_all_at(&initial_content(*index, size), 0)
                 .map_err(|source| BackendError::Host {
                     operation: "reset",
                     source,
@@ -837,6 +880,47 @@ mod tests {
         assert_eq!(mapped[0x20], 0);
         assert_eq!(sim.resets(), 1);
         drop(area);
+    }
+
+    #[test]
+    fn the_rom_is_read_only_memory_with_a_known_image() {
+        assert!(SimulatedDevice::virtio_net()
+            .unwrap()
+            .region_info(ROM_REGION)
+            .is_ok_and(|r| r.size == 0));
+        let sim = SimulatedDevice::new(SimSpec::virtio_net().with_rom(0x1000)).unwrap();
+        let info = sim.region_info(ROM_REGION).unwrap();
+        assert_eq!(
+            (info.size, info.read, info.write, info.mmap),
+            (0x1000, true, false, false)
+        );
+        let image = rom_image(0x1000);
+        assert_eq!(image.len(), 0x1000);
+        assert_eq!(&image[..3], &[0x55, 0xaa, 8]);
+        assert_ne!(image[0x10..0x20], image[0x110..0x120], "pages differ");
+        let mut data = vec![0u8; 0x1000];
+        sim.region_read(ROM_REGION, 0, &mut data).unwrap();
+        assert_eq!(data, image);
+        // Writes and mappings are refused; nothing changes.
+        assert!(sim.region_write(ROM_REGION, 0, &[0; 4]).is_err());
+        assert!(sim.map_region(ROM_REGION, 0, 0x1000).is_err());
+        assert!(sim.region_read(ROM_REGION, 0xffe, &mut data[..4]).is_err());
+        // A reset keeps the image (BARs go back to zeroes).
+        sim.region_write(0, 0, &[9]).unwrap();
+        sim.reset().unwrap();
+        assert_eq!(sim.peek(ROM_REGION, 0, 0x1000), image);
+        assert_eq!(sim.peek(0, 0, 1), vec![0]);
+        // A second ROM replaces the first; big ROMs saturate the length byte.
+        let spec = SimSpec::virtio_net().with_rom(0x800).with_rom(0x4_0000);
+        assert_eq!(
+            spec.regions
+                .iter()
+                .filter(|r| r.index == ROM_REGION)
+                .count(),
+            1
+        );
+        assert_eq!(rom_image(0x4_0000)[2], 0xff);
+        assert!(rom_image(0).is_empty());
     }
 
     #[test]
