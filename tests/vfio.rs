@@ -87,3 +87,43 @@ fn a_server_that_goes_away_ends_nothing_badly() {
     assert_ne!(output.status.code(), Some(0), "{output:?}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn a_server_that_dies_while_the_vm_runs_leaves_a_clean_stop() {
+    if !kvm_available() {
+        return;
+    }
+    let mut server = DeviceServer::start();
+    let config = vmkit::VmConfig {
+        vfio: vec![vmkit::devices::VfioConfig::User(server.socket.clone())],
+        backing: vmkit_memory::Backing::SharedMemfd,
+        args: "spin".into(),
+        ..Default::default()
+    };
+    let vmm = vmkit::Vmm::start(&config, std::time::Instant::now()).expect("the VM starts");
+    // The guest checks the device, then spins without touching it again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !String::from_utf8_lossy(&vmm.serial_output()).contains("spinning") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest never got to spin"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let serial = String::from_utf8_lossy(&vmm.serial_output()).into_owned();
+    assert!(serial.contains("testdev: 1 device checked"), "{serial}");
+    // The server goes away; stopping the VM then resets the device and unmaps its DMA,
+    // both of which now fail: logged, not a panic or a hang.
+    server.kill();
+    let control = vmm.control();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let report = vmm.wait();
+        let _ = done.send(report.end);
+    });
+    control.stop();
+    let end = finished
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the VM stops within 30 s");
+    assert!(matches!(end, vmkit_vcpu::VmEnd::Stopped), "{end:?}");
+}
