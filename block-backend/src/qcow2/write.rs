@@ -31,6 +31,9 @@ const L2_TABLE: &str = "L2 table";
 /// See [`DATA`].
 const REFCOUNT_BLOCK: &str = "refcount block";
 
+/// Clusters past the end of the file a crash may leave counted (one request's allocations,
+/// with room to spare); a counted cluster further out is damage.
+const MAX_TAIL_CLUSTERS: u64 = 64;
 /// Refcount blocks past the end of the file that a read-write open scans at most.
 const MAX_TAIL_REFCOUNT_BLOCKS: u32 = 64;
 
@@ -271,6 +274,16 @@ impl Qcow2Disk {
             }
         }
         if let Some(cluster) = last_counted {
+            // A crash leaves the few clusters of one allocation; counted clusters far past
+            // the end are damage, and skipping to them would grow the file without bound.
+            if cluster - end_cluster >= MAX_TAIL_CLUSTERS {
+                return Err(Qcow2Error::Walk(format!(
+                    "cluster {cluster} has a refcount but lies {} clusters past the end of the \
+                     file: the refcounts are damaged; repair the image (qemu-img check -r all)",
+                    cluster - end_cluster
+                ))
+                .at(&self.path));
+            }
             log::warn!(
                 "{}: clusters up to {cluster} past the end of the file have refcounts (left by                  a crash): they stay leaked",
                 self.path.display()
