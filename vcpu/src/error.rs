@@ -67,6 +67,9 @@ pub enum Error {
     /// Registering guest memory with KVM failed.
     #[error("cannot register guest memory with KVM: {0}")]
     Memory(#[from] vmkit_memory::Error),
+    /// The CPUID policy cannot be applied (a required feature KVM does not offer).
+    #[error("CPUID: {0}")]
+    Cpuid(#[from] crate::x86_64::cpuid::CpuidError),
     /// A bus range overlaps one already registered, or is empty.
     #[error("bus range [{base:#x}, +{len:#x}) is empty or overlaps a registered device")]
     BusOverlap {

@@ -44,3 +44,4 @@ pub use error::{Error, Result, VcpuError, VcpuSnapshot};
 pub use runner::{RunningVm, SystemEvent, VmControl, VmEnd, VmOutcome};
 pub use stats::{ExitKind, VcpuStats};
 pub use vm::{Vcpu, Vm};
+pub use x86_64::cpuid::{CpuidError, CpuidPolicy};

@@ -7,7 +7,8 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vmkit_memory::{GuestRam, KvmSlots, SlotOptions};
 
 use crate::error::{Error, Result};
-use crate::x86_64::{cpuid, regs};
+use crate::x86_64::cpuid::CpuidPolicy;
+use crate::x86_64::regs;
 
 /// Where KVM puts the three pages of the real-mode TSS it needs on Intel hosts, at the top of
 /// the 32-bit MMIO hole below the IOAPIC, where no RAM or device lives.
@@ -148,9 +149,18 @@ impl Vm {
         )?)
     }
 
-    /// Creates every vCPU, each with its CPUID (topology included), boot MSRs, FPU and LAPIC set.
-    /// The boot state is set separately (see [`crate::x86_64::boot`]).
+    /// Creates every vCPU, each with its CPUID (KVM's supported set with the VM's topology),
+    /// boot MSRs, FPU and LAPIC set. The boot state is set separately (see
+    /// [`crate::x86_64::boot`]).
     pub fn create_vcpus(&self) -> Result<Vec<Vcpu>> {
+        self.create_vcpus_with(&CpuidPolicy::default())
+    }
+
+    /// Like [`Vm::create_vcpus`], with the CPUID `policy` applied (features hidden, required
+    /// features checked before any vCPU is created).
+    pub fn create_vcpus_with(&self, policy: &CpuidPolicy) -> Result<Vec<Vcpu>> {
+        let count = self.vcpu_count as u32;
+        policy.check(&self.supported_cpuid, count)?;
         (0..self.vcpu_count)
             .map(|index| {
                 let fd = self
@@ -160,8 +170,7 @@ impl Vm {
                         operation: "KVM_CREATE_VCPU",
                         source,
                     })?;
-                let cpuid =
-                    cpuid::vcpu_cpuid(&self.supported_cpuid, index as u32, self.vcpu_count as u32);
+                let cpuid = policy.vcpu_cpuid(&self.supported_cpuid, index as u32, count)?;
                 regs::configure(&fd, &cpuid)?;
                 Ok(Vcpu { index, fd })
             })
