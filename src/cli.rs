@@ -1,10 +1,11 @@
 //! The command line of the example VM (`cargo run --release --example vm -- ...`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use vmkit_block_backend::{CacheMode, EngineKind, Format};
 use vmkit_memory::Backing;
 
+use crate::definition::Definition;
 use crate::devices::virtio_blk::{MAX_QUEUES, MAX_SERIAL_BYTES};
 use crate::devices::{DiskConfig, DiskTransport, VfioConfig};
 use crate::program::Program;
@@ -13,15 +14,24 @@ use crate::vmm::VmConfig;
 /// Usage text.
 pub const USAGE: &str = "\
 usage: vm [run] [OPTIONS]      run a VM (the built-in guest unless --program is given)
+       vm config [OPTIONS]     print the VM definition (TOML) that OPTIONS describe
        vm check-host           check that this host can run VMs
        vm help                 print this text
 
-options of run:
+options of run (and config):
+  --config FILE        read the VM definition from FILE (TOML, as `vm config` prints it);
+                       options given beside it override the file's keys, and --disk,
+                       --vfio or --vfio-user replace the file's lists
   --cpus N             vCPUs (default 1)
   --memory SIZE        guest RAM, e.g. 256M, 2G (default 256M; suffixes K, M, G, T)
   --backing KIND       anonymous (default), memfd, hugetlb or thp
   --prefault           fault all guest RAM in before the guest starts
   --program FILE       run a static x86-64 ELF instead of the built-in guest
+  --kernel FILE        boot a Linux kernel (bzImage, or an ELF vmlinux) instead
+  --initrd FILE        the kernel's initial RAM disk
+  --cmdline STRING     the kernel's command line (default: console=ttyS0 reboot=k panic=1)
+  --cpu-features SPEC  hide CPU features from the guest by their /proc/cpuinfo names, e.g.
+                       -cx16,-xsave (and require some with +name)
   --args STRING        arguments for the program (the built-in guest's: exit=N print=N
                        compute=N touch=MIB spin)
   --json               print the end-of-run report as one JSON object instead of the
@@ -46,9 +56,14 @@ pub enum Command {
     /// Run a VM.
     Run {
         /// The VM.
-        config: VmConfig,
+        config: Box<VmConfig>,
         /// Print the report as JSON.
         json: bool,
+    },
+    /// Print the VM definition these options make.
+    Config {
+        /// The definition, as TOML.
+        definition: String,
     },
     /// Print the host check.
     CheckHost,
@@ -78,59 +93,157 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
         Some("run") => {
             args.next();
         }
+        Some("config") => {
+            args.next();
+            let rest: Vec<String> = args.cloned().collect();
+            let (config, _) = parse_run(&rest)?;
+            return Ok(Command::Config {
+                definition: Definition::from_config(&config).to_toml(),
+            });
+        }
         _ => {}
     }
+    let rest: Vec<String> = args.cloned().collect();
+    let (config, json) = parse_run(&rest)?;
+    Ok(Command::Run {
+        config: Box::new(config),
+        json,
+    })
+}
 
-    let mut config = VmConfig {
-        echo_serial: true,
-        ..VmConfig::default()
-    };
-    let mut json = false;
-    let mut backing_given = false;
+/// Options that take no value.
+const SWITCHES: [&str; 2] = ["--prefault", "--json"];
+/// Options that take a value.
+const VALUED: [&str; 14] = [
+    "--config",
+    "--cpus",
+    "--memory",
+    "--backing",
+    "--program",
+    "--args",
+    "--kernel",
+    "--initrd",
+    "--cmdline",
+    "--cpu-features",
+    "--disk",
+    "--transport",
+    "--vfio",
+    "--vfio-user",
+];
+
+/// The options of `run`: a definition file first (`--config`), wherever it stands, then
+/// the other options over it.
+fn parse_run(args: &[String]) -> Result<(VmConfig, bool), UsageError> {
+    let mut options: Vec<(&str, Option<&str>)> = Vec::new();
+    let mut file = None;
+    let mut args = args.iter();
     while let Some(flag) = args.next() {
-        let mut value = || {
-            args.next()
-                .ok_or_else(|| UsageError(format!("{flag} needs a value")))
+        let value = if SWITCHES.contains(&flag.as_str()) {
+            None
+        } else if !VALUED.contains(&flag.as_str()) {
+            return Err(UsageError(format!("unknown option '{flag}'")));
+        } else {
+            let value = args
+                .next()
+                .ok_or_else(|| UsageError(format!("{flag} needs a value")))?;
+            Some(value.as_str())
         };
-        match flag.as_str() {
+        if flag == "--config" {
+            if file.is_some() {
+                return Err(UsageError("--config is given twice".into()));
+            }
+            file = value;
+        } else {
+            options.push((flag.as_str(), value));
+        }
+    }
+
+    let mut run = RunOptions::default();
+    if let Some(file) = file {
+        let definition = Definition::load(Path::new(file))?;
+        for (key, flag, value) in definition.options() {
+            run.apply(flag, value.as_deref())
+                .map_err(|e| UsageError(format!("{file}: {key}: {e}")))?;
+        }
+    }
+    // Lists given as options replace the file's.
+    if options.iter().any(|&(flag, _)| flag == "--disk") {
+        run.config.disks.clear();
+    }
+    if options
+        .iter()
+        .any(|&(flag, _)| flag == "--vfio" || flag == "--vfio-user")
+    {
+        run.config.vfio.clear();
+    }
+    for (flag, value) in options {
+        run.apply(flag, value)
+            .map_err(|e| UsageError(format!("{flag}: {e}")))?;
+    }
+    run.finish()
+}
+
+/// The options of `run` as they are applied, one at a time.
+struct RunOptions {
+    config: VmConfig,
+    json: bool,
+    backing_given: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            config: VmConfig {
+                echo_serial: true,
+                ..VmConfig::default()
+            },
+            json: false,
+            backing_given: false,
+        }
+    }
+}
+
+impl RunOptions {
+    /// Applies one option; the error says what is wrong with its value, without the name.
+    fn apply(&mut self, flag: &str, value: Option<&str>) -> Result<(), UsageError> {
+        let config = &mut self.config;
+        let value = || value.ok_or_else(|| UsageError("needs a value".into()));
+        match flag {
             "--cpus" => {
                 let text = value()?;
                 config.cpus = text
                     .parse()
-                    .map_err(|_| UsageError(format!("--cpus: '{text}' is not a number")))?;
+                    .map_err(|_| UsageError(format!("'{text}' is not a number")))?;
                 if config.cpus == 0 {
-                    return Err(UsageError("--cpus: a VM needs at least one vCPU".into()));
+                    return Err(UsageError("a VM needs at least one vCPU".into()));
                 }
             }
             "--memory" => config.memory = parse_size(value()?)?,
             "--backing" => {
-                backing_given = true;
-                config.backing = match value()?.as_str() {
-                    "anonymous" | "anon" => Backing::Anonymous,
-                    "memfd" => Backing::SharedMemfd,
-                    "hugetlb" => Backing::HugeTlbfs,
-                    "thp" => Backing::TransparentHugePages,
-                    other => {
-                        return Err(UsageError(format!(
-                            "--backing: '{other}' is not one of anonymous, memfd, hugetlb, thp"
-                        )))
-                    }
-                }
+                self.backing_given = true;
+                config.backing = parse_backing(value()?)?;
             }
             "--prefault" => config.prefault = true,
             "--program" => config.program = Program::ElfFile(PathBuf::from(value()?)),
-            "--args" => config.args = value()?.clone(),
-            "--json" => json = true,
+            "--args" => config.args = value()?.to_string(),
+            "--kernel" => config.kernel.get_or_insert_with(Default::default).path = value()?.into(),
+            "--initrd" => {
+                config.kernel.get_or_insert_with(Default::default).initrd = Some(value()?.into())
+            }
+            "--cmdline" => {
+                config.kernel.get_or_insert_with(Default::default).cmdline =
+                    Some(value()?.to_string())
+            }
+            "--cpu-features" => {
+                config.cpu_policy = value()?.parse().map_err(|e| UsageError(format!("{e}")))?;
+            }
+            "--json" => self.json = true,
             "--disk" => config.disks.push(parse_disk(value()?)?),
             "--transport" => {
-                config.disk_transport = match value()?.as_str() {
+                config.disk_transport = match value()? {
                     "mmio" => DiskTransport::Mmio,
                     "pci" => DiskTransport::Pci,
-                    other => {
-                        return Err(UsageError(format!(
-                            "--transport: '{other}' is not one of mmio, pci"
-                        )))
-                    }
+                    other => return Err(UsageError(format!("'{other}' is not one of mmio, pci"))),
                 }
             }
             "--vfio" => config
@@ -139,29 +252,71 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
             "--vfio-user" => config.vfio.push(VfioConfig::User(PathBuf::from(value()?))),
             other => return Err(UsageError(format!("unknown option '{other}'"))),
         }
+        Ok(())
     }
-    if config
-        .vfio
-        .iter()
-        .any(|device| matches!(device, VfioConfig::User(_)))
-    {
-        // A vfio-user server reaches guest RAM by mapping the file behind it.
-        if !backing_given {
-            config.backing = Backing::SharedMemfd;
-        } else if config.backing != Backing::SharedMemfd {
-            return Err(UsageError(
-                "--vfio-user needs guest RAM in a memfd: use --backing memfd (or leave it out)"
-                    .into(),
-            ));
+
+    /// Checks what only the options together can tell.
+    fn finish(mut self) -> Result<(VmConfig, bool), UsageError> {
+        let config = &mut self.config;
+        if config
+            .vfio
+            .iter()
+            .any(|device| matches!(device, VfioConfig::User(_)))
+        {
+            // A vfio-user server reaches guest RAM by mapping the file behind it.
+            if !self.backing_given {
+                config.backing = Backing::SharedMemfd;
+            } else if config.backing != Backing::SharedMemfd {
+                return Err(UsageError(
+                    "--vfio-user needs guest RAM in a memfd: use --backing memfd (or leave it \
+                     out)"
+                        .into(),
+                ));
+            }
         }
+        if let Some(kernel) = &config.kernel {
+            if kernel.path.as_os_str().is_empty() {
+                return Err(UsageError(
+                    "--initrd and --cmdline go with --kernel FILE".into(),
+                ));
+            }
+            if config.program != Program::Builtin {
+                return Err(UsageError(
+                    "--kernel and --program cannot both be given".into(),
+                ));
+            }
+        }
+        config.echo_serial = !self.json;
+        Ok((self.config, self.json))
     }
-    config.echo_serial = !json;
-    Ok(Command::Run { config, json })
+}
+
+/// The value of `--backing`.
+fn parse_backing(text: &str) -> Result<Backing, UsageError> {
+    match text {
+        "anonymous" | "anon" => Ok(Backing::Anonymous),
+        "memfd" => Ok(Backing::SharedMemfd),
+        "hugetlb" => Ok(Backing::HugeTlbfs),
+        "thp" => Ok(Backing::TransparentHugePages),
+        other => Err(UsageError(format!(
+            "'{other}' is not one of anonymous, memfd, hugetlb, thp"
+        ))),
+    }
+}
+
+/// The name `--backing` takes for `backing`.
+pub fn backing_name(backing: Backing) -> &'static str {
+    match backing {
+        Backing::Anonymous => "anonymous",
+        Backing::SharedMemfd => "memfd",
+        Backing::HugeTlbfs => "hugetlb",
+        Backing::TransparentHugePages => "thp",
+    }
 }
 
 /// Parses the value of `--disk`: comma-separated `KEY=VALUE` options, `path` required.
 pub fn parse_disk(text: &str) -> Result<DiskConfig, UsageError> {
-    let error = |message: String| UsageError(format!("--disk {text}: {message}"));
+    let error = |message: String| UsageError(format!("'{text}': {message}"));
     let mut path = None;
     let mut disk = DiskConfig::new("");
     let mut seen: Vec<&str> = Vec::new();
@@ -234,7 +389,7 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, UsageError> {
 
 /// Parses a size such as `256M`, `2G` or `4096` (bytes). Zero is refused.
 pub fn parse_size(text: &str) -> Result<u64, UsageError> {
-    let bad = || UsageError(format!("--memory: '{text}' is not a size like 256M or 2G"));
+    let bad = || UsageError(format!("'{text}' is not a size like 256M or 2G"));
     let (digits, shift) = match text.char_indices().last() {
         Some((i, 'K' | 'k')) => (&text[..i], 10),
         Some((i, 'M' | 'm')) => (&text[..i], 20),
@@ -245,7 +400,7 @@ pub fn parse_size(text: &str) -> Result<u64, UsageError> {
     let number: u64 = digits.parse().map_err(|_| bad())?;
     let size = number.checked_mul(1 << shift).ok_or_else(bad)?;
     if size == 0 {
-        return Err(UsageError("--memory: a VM needs some memory".into()));
+        return Err(UsageError("a VM needs some memory".into()));
     }
     Ok(size)
 }
@@ -335,6 +490,20 @@ mod tests {
     }
 
     #[test]
+    fn kernel_options() {
+        let Ok(Command::Run { config, .. }) = parse(&args(
+            "--kernel vmlinux --initrd initrd.gz --cmdline console=ttyS0 --cpu-features -cx16,-xsave",
+        )) else {
+            panic!("expected run");
+        };
+        let kernel = config.kernel.expect("a kernel");
+        assert_eq!(kernel.path, PathBuf::from("vmlinux"));
+        assert_eq!(kernel.initrd, Some(PathBuf::from("initrd.gz")));
+        assert_eq!(kernel.cmdline.as_deref(), Some("console=ttyS0"));
+        assert!(config.cpu_policy.hides("cx16") && config.cpu_policy.hides("avx"));
+    }
+
+    #[test]
     fn bad_command_lines_say_what_is_wrong() {
         for (line, expected) in [
             ("--cpus 0", "at least one vCPU"),
@@ -344,6 +513,10 @@ mod tests {
             ("--cpus", "--cpus needs a value"),
             ("--backing disk", "not one of"),
             ("--vfio", "--vfio needs a value"),
+            ("--initrd x", "go with --kernel FILE"),
+            ("--kernel k --program p", "cannot both be given"),
+            ("--cpu-features -nosuchflag", "nosuchflag"),
+            ("--cpu-features cx16", "--cpu-features"),
             (
                 "--vfio-user s --backing anonymous",
                 "needs guest RAM in a memfd",

@@ -8,6 +8,7 @@
 
 pub mod builtin_guest;
 pub mod cli;
+pub mod definition;
 pub mod devices;
 pub mod program;
 pub mod vmm;

@@ -7,7 +7,7 @@ use vmkit_guest_abi::{DeviceInfo, DeviceKind, Transport, EXIT_PORT, SERIAL_PORT}
 use vmkit_memory::{Backing, GuestRam, KvmSlots, MemoryAccounting, MemoryConfig};
 use vmkit_pci_passthrough::vfio::KvmDirectMapper;
 use vmkit_vcpu::x86_64::boot::FlatBoot;
-use vmkit_vcpu::{IoBuses, RunningVm, VcpuStats, Vm, VmControl, VmEnd};
+use vmkit_vcpu::{CpuidPolicy, IoBuses, RunningVm, VcpuStats, Vm, VmControl, VmEnd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::pci::{self, PciRoot};
@@ -60,6 +60,9 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// The kernel could not be loaded.
+    #[error("kernel: {0}")]
+    Kernel(String),
     /// The PCI root complex could not be set up.
     #[error("PCI: {reason}")]
     Pci {
@@ -91,7 +94,26 @@ pub struct VmConfig {
     pub disk_transport: DiskTransport,
     /// Passed-through PCI devices.
     pub vfio: Vec<VfioConfig>,
+    /// A Linux kernel to boot instead of the program.
+    pub kernel: Option<KernelConfig>,
+    /// Which CPU features the guest sees.
+    pub cpu_policy: CpuidPolicy,
 }
+
+/// A Linux kernel to boot, as `--kernel`, `--initrd` and `--cmdline` give it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelConfig {
+    /// The kernel: a bzImage, or an ELF vmlinux.
+    pub path: std::path::PathBuf,
+    /// The initial RAM disk.
+    pub initrd: Option<std::path::PathBuf>,
+    /// The command line; `None` for [`DEFAULT_CMDLINE`].
+    pub cmdline: Option<String>,
+}
+
+/// The kernel command line when none is given: the console on COM1, a reboot through the
+/// keyboard controller (which ends the VM), and a reboot rather than a hang on panic.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
 impl Default for VmConfig {
     fn default() -> Self {
@@ -106,6 +128,8 @@ impl Default for VmConfig {
             disks: Vec::new(),
             disk_transport: DiskTransport::Mmio,
             vfio: Vec::new(),
+            kernel: None,
+            cpu_policy: CpuidPolicy::default(),
         }
     }
 }
@@ -135,6 +159,12 @@ impl Vmm {
     /// Builds the VM described by `config` and starts its vCPUs. `started` is when the process
     /// (or the caller's measurement) began, for the start-up figures in the report.
     pub fn start(config: &VmConfig, started: Instant) -> Result<Vmm, Error> {
+        if let Some(kernel) = &config.kernel {
+            return Err(Error::Kernel(format!(
+                "{}: booting a Linux kernel is not wired into the example VM yet",
+                kernel.path.display()
+            )));
+        }
         let ram = GuestRam::new(
             &MemoryConfig::new(config.memory)
                 .with_backing(config.backing)
@@ -247,7 +277,7 @@ impl Vmm {
             exit_port.clone(),
         )?;
 
-        let vcpus = vm.create_vcpus()?;
+        let vcpus = vm.create_vcpus_with(&config.cpu_policy)?;
         for vcpu in &vcpus {
             layout.entry_state(vcpu.index as u32).apply(&vcpu.fd)?;
         }

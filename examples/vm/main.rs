@@ -25,6 +25,10 @@ fn main() -> ExitCode {
             print!("{}", cli::USAGE);
             ExitCode::SUCCESS
         }
+        Command::Config { definition } => {
+            print!("{definition}");
+            ExitCode::SUCCESS
+        }
         Command::CheckHost => {
             let report = vmkit_vcpu::host_check::check_host();
             println!("{report}");
