@@ -147,6 +147,7 @@ pub struct Vmm {
     _vfio: Vec<AttachedVfio>,
     _kernel_vfio: KernelVfioContext,
     serial: SerialOutput,
+    console: Arc<SerialConsole>,
     exit_port: Arc<ExitPort>,
     _slots: KvmSlots,
     _vm: Vm,
@@ -265,10 +266,11 @@ impl Vmm {
                 device: "serial",
                 source: e.into(),
             })?;
+        let console = Arc::new(SerialConsole::new(serial_irq, serial.clone()));
         buses.pio.insert(
             u64::from(SERIAL_PORT),
             SerialConsole::PORT_COUNT,
-            Arc::new(SerialConsole::new(serial_irq, serial.clone())),
+            console.clone(),
         )?;
         let exit_port = Arc::new(ExitPort::new());
         buses.pio.insert(
@@ -291,6 +293,7 @@ impl Vmm {
             _vfio: vfio,
             _kernel_vfio: kernel_vfio,
             serial,
+            console,
             exit_port,
             _slots: slots,
             _vm: vm,
@@ -308,6 +311,11 @@ impl Vmm {
     /// The guest's RAM (for tests and tools that inspect it).
     pub fn memory(&self) -> &GuestRam {
         &self.ram
+    }
+
+    /// The serial console, to type into ([`SerialConsole::enqueue_input`]).
+    pub fn console(&self) -> Arc<SerialConsole> {
+        self.console.clone()
     }
 
     /// What the guest has written to the serial port so far.

@@ -3,6 +3,8 @@
 //! `cargo run --release --example vm` runs the built-in guest on one vCPU and exits 0 when it
 //! reports success. `vm help` lists the options.
 
+mod console;
+
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -46,7 +48,15 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            // A kernel's console is interactive; the flat programs never read theirs.
+            let raw_terminal = if config.kernel.is_some() && !json {
+                console::forward_stdin(vmm.console());
+                console::RawTerminal::enter()
+            } else {
+                None
+            };
             let report = vmm.wait();
+            drop(raw_terminal);
             if json {
                 println!("{}", report.to_json());
             } else {
