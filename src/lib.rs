@@ -10,6 +10,7 @@ pub mod builtin_guest;
 pub mod cli;
 pub mod definition;
 pub mod devices;
+pub mod linux;
 pub mod program;
 pub mod vmm;
 

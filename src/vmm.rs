@@ -14,8 +14,9 @@ use crate::devices::pci::{self, PciRoot};
 use crate::devices::vfio::{self, AttachedVfio, KernelVfioContext};
 use crate::devices::virtio_blk::{self, AttachedDisk};
 use crate::devices::{
-    DiskConfig, DiskTransport, ExitPort, SerialConsole, SerialOutput, VfioConfig,
+    DiskConfig, DiskTransport, ExitPort, SerialConsole, SerialOutput, VfioConfig, I8042,
 };
+use crate::linux::{self, BootConfig, Initrd, LoadedKernel};
 use crate::program::{Program, ProgramError};
 
 /// The GSI of COM1's interrupt (IRQ 4 on the PIC and IOAPIC).
@@ -148,6 +149,7 @@ pub struct Vmm {
     _kernel_vfio: KernelVfioContext,
     serial: SerialOutput,
     console: Arc<SerialConsole>,
+    i8042: Arc<I8042>,
     exit_port: Arc<ExitPort>,
     _slots: KvmSlots,
     _vm: Vm,
@@ -160,12 +162,6 @@ impl Vmm {
     /// Builds the VM described by `config` and starts its vCPUs. `started` is when the process
     /// (or the caller's measurement) began, for the start-up figures in the report.
     pub fn start(config: &VmConfig, started: Instant) -> Result<Vmm, Error> {
-        if let Some(kernel) = &config.kernel {
-            return Err(Error::Kernel(format!(
-                "{}: booting a Linux kernel is not wired into the example VM yet",
-                kernel.path.display()
-            )));
-        }
         let ram = GuestRam::new(
             &MemoryConfig::new(config.memory)
                 .with_backing(config.backing)
@@ -176,7 +172,14 @@ impl Vmm {
 
         let ranges: Vec<(u64, u64)> = ram.ranges().iter().map(|r| (r.start.0, r.size)).collect();
         let low_ram_end = ranges.first().map_or(0, |&(start, size)| start + size);
-        let program = config.program.load(ram.memory(), low_ram_end)?;
+        // A flat program, or a Linux kernel (and its initrd).
+        let image = match &config.kernel {
+            None => BootImage::Flat(config.program.load(ram.memory(), low_ram_end)?),
+            Some(kernel) => {
+                let (loaded, initrd) = load_kernel(kernel, &ram)?;
+                BootImage::Linux(Box::new(loaded), initrd)
+            }
+        };
         let buses = Arc::new(IoBuses::new());
         let mut disks = Vec::with_capacity(config.disks.len());
         let mut devices = Vec::with_capacity(config.disks.len());
@@ -245,15 +248,38 @@ impl Vmm {
                 vfio.push(attached);
             }
         }
-        let layout = FlatBoot {
-            entry: program.entry,
-            image_end: program.image_end,
-            cpu_count: config.cpus as u32,
-            ram: ranges,
-            devices,
-            args: program_args(config).into_bytes(),
-        }
-        .write(ram.memory())?;
+        let boot = match image {
+            BootImage::Flat(program) => BootState::Flat(Box::new(
+                FlatBoot {
+                    entry: program.entry,
+                    image_end: program.image_end,
+                    cpu_count: config.cpus as u32,
+                    ram: ranges,
+                    devices,
+                    args: program_args(config).into_bytes(),
+                }
+                .write(ram.memory())?,
+            )),
+            BootImage::Linux(kernel, initrd) => {
+                let cmdline = kernel_cmdline(config, &devices);
+                let cmdline = kernel.cmdline(&cmdline).map_err(linux_error)?;
+                let entry = linux::configure(
+                    ram.memory(),
+                    &BootConfig {
+                        kernel: &kernel,
+                        initrd,
+                        cmdline: &cmdline,
+                        e820: &ram.e820(),
+                        cpu_count: config.cpus as u32,
+                        protocol: kernel.default_protocol(),
+                    },
+                )
+                .map_err(linux_error)?;
+                BootState::Linux(Box::new(
+                    entry.entry_state(ram.memory()).map_err(linux_error)?,
+                ))
+            }
+        };
 
         let serial = SerialOutput::new(config.echo_serial);
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Device {
@@ -272,6 +298,13 @@ impl Vmm {
             SerialConsole::PORT_COUNT,
             console.clone(),
         )?;
+        // The keyboard controller's reset line: how Linux reboots (reboot=k).
+        let i8042 = Arc::new(I8042::new());
+        buses.pio.insert(
+            u64::from(I8042::BASE_PORT),
+            I8042::PORT_COUNT,
+            i8042.clone(),
+        )?;
         let exit_port = Arc::new(ExitPort::new());
         buses.pio.insert(
             u64::from(EXIT_PORT),
@@ -280,11 +313,22 @@ impl Vmm {
         )?;
 
         let vcpus = vm.create_vcpus_with(&config.cpu_policy)?;
-        for vcpu in &vcpus {
-            layout.entry_state(vcpu.index as u32).apply(&vcpu.fd)?;
+        match &boot {
+            BootState::Flat(layout) => {
+                for vcpu in &vcpus {
+                    layout.entry_state(vcpu.index as u32).apply(&vcpu.fd)?;
+                }
+            }
+            // Only the boot vCPU: the others wait for the kernel's INIT/SIPI.
+            BootState::Linux(state) => {
+                if let Some(bsp) = vcpus.first() {
+                    state.apply(&bsp.fd)?;
+                }
+            }
         }
         let running = RunningVm::start(vcpus, buses)?;
         exit_port.connect(running.control());
+        i8042.connect(running.control());
         let vcpus_started = started.elapsed();
         Ok(Vmm {
             running,
@@ -295,6 +339,7 @@ impl Vmm {
             serial,
             console,
             exit_port,
+            i8042,
             _slots: slots,
             _vm: vm,
             ram,
@@ -331,6 +376,7 @@ impl Vmm {
         let first_byte = self.serial.first_byte_at();
         RunReport {
             exit_status: self.exit_port.status(),
+            guest_reset: self.i8042.reset_requested(),
             end: outcome.end,
             serial: self.serial.captured(),
             stats: outcome.stats,
@@ -340,6 +386,67 @@ impl Vmm {
             first_serial_byte_unix: first_byte.map(unix_time_at),
         }
     }
+}
+
+/// What the boot vCPU runs: a flat program, or a Linux kernel with its initrd.
+enum BootImage {
+    Flat(crate::program::LoadedProgram),
+    Linux(Box<LoadedKernel>, Option<Initrd>),
+}
+
+/// The vCPUs' start: every vCPU in a flat program, or the boot vCPU in a kernel.
+enum BootState {
+    Flat(Box<vmkit_vcpu::x86_64::boot::FlatBootLayout>),
+    Linux(Box<vmkit_vcpu::x86_64::boot::EntryState>),
+}
+
+fn linux_error(error: linux::Error) -> Error {
+    Error::Kernel(error.to_string())
+}
+
+/// Loads `kernel` and its initrd into guest RAM.
+fn load_kernel(
+    kernel: &KernelConfig,
+    ram: &GuestRam,
+) -> Result<(LoadedKernel, Option<Initrd>), Error> {
+    let open = |path: &std::path::Path| {
+        std::fs::File::open(path)
+            .map_err(|e| Error::Kernel(format!("cannot read {}: {e}", path.display())))
+    };
+    let loaded = linux::loader::load_kernel(ram.memory(), &mut open(&kernel.path)?)
+        .map_err(|e| Error::Kernel(format!("{}: {e}", kernel.path.display())))?;
+    let initrd = match &kernel.initrd {
+        Some(path) => Some(
+            linux::loader::load_initrd(ram.memory(), &loaded, &mut open(path)?)
+                .map_err(|e| Error::Kernel(format!("{}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
+    Ok((loaded, initrd))
+}
+
+/// The kernel's command line: the user's (or [`DEFAULT_CMDLINE`]), then one
+/// `virtio_mmio.device=` per virtio-mmio disk, which kernels built with
+/// `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES` find their disks by.
+fn kernel_cmdline(config: &VmConfig, devices: &[DeviceInfo]) -> String {
+    let mut cmdline = config
+        .kernel
+        .as_ref()
+        .and_then(|k| k.cmdline.clone())
+        .unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+    for device in devices {
+        if device.kind == DeviceKind::VirtioBlock as u32
+            && device.transport == Transport::VirtioMmio as u32
+        {
+            cmdline.push_str(&format!(
+                " virtio_mmio.device={}K@{:#x}:{}",
+                device.size >> 10,
+                device.address,
+                device.irq
+            ));
+        }
+    }
+    cmdline
 }
 
 /// The arguments the program gets: `--args`, and for the built-in guest one `serialN=ID`
@@ -369,6 +476,9 @@ fn unix_time_at(instant: Instant) -> Duration {
 pub struct RunReport {
     /// The status the guest wrote to the exit port, if it did.
     pub exit_status: Option<u32>,
+    /// The guest reset the machine through the keyboard controller (how Linux reboots, and
+    /// powers off without ACPI): the VM ended there, as it should.
+    pub guest_reset: bool,
     /// Why the VM ended.
     pub end: VmEnd,
     /// Everything the guest wrote to the serial port.
@@ -386,9 +496,12 @@ pub struct RunReport {
 }
 
 impl RunReport {
-    /// Whether the guest ended through the exit port with status 0.
+    /// Whether the guest ended through the exit port with status 0, or reset the machine
+    /// (a kernel's reboot or power-off).
     pub fn success(&self) -> bool {
-        self.end == VmEnd::Stopped && self.exit_status == Some(vmkit_guest_abi::EXIT_SUCCESS)
+        self.end == VmEnd::Stopped
+            && (self.exit_status == Some(vmkit_guest_abi::EXIT_SUCCESS)
+                || (self.exit_status.is_none() && self.guest_reset))
     }
 
     /// The process exit code for this run: 0 on success, else non-zero (the guest's status
@@ -407,6 +520,7 @@ impl RunReport {
     pub fn describe_end(&self) -> String {
         match (&self.end, self.exit_status) {
             (VmEnd::Stopped, Some(status)) => format!("guest exited with status {status}"),
+            (VmEnd::Stopped, None) if self.guest_reset => I8042::RESET_REASON.into(),
             (VmEnd::Stopped, None) => "stopped by the VMM".into(),
             (VmEnd::AllHalted, _) => "every vCPU halted".into(),
             (VmEnd::Shutdown { index, state }, _) => {
