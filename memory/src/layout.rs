@@ -80,6 +80,26 @@ pub struct E820Entry {
     pub kind: E820Kind,
 }
 
+impl E820Entry {
+    /// Usable RAM at `addr`, `size` bytes.
+    pub fn ram(addr: u64, size: u64) -> Self {
+        E820Entry {
+            addr,
+            size,
+            kind: E820Kind::Ram,
+        }
+    }
+
+    /// A reserved range at `addr`, `size` bytes.
+    pub fn reserved(addr: u64, size: u64) -> Self {
+        E820Entry {
+            addr,
+            size,
+            kind: E820Kind::Reserved,
+        }
+    }
+}
+
 /// Builds the E820 map for the RAM ranges `ranges` (as returned by [`ram_ranges`]).
 ///
 /// The range starting at 0 is split around the legacy area: conventional RAM
@@ -171,30 +191,14 @@ mod tests {
         }
     }
 
-    fn ram(addr: u64, size: u64) -> E820Entry {
-        E820Entry {
-            addr,
-            size,
-            kind: E820Kind::Ram,
-        }
-    }
-
-    fn reserved(addr: u64, size: u64) -> E820Entry {
-        E820Entry {
-            addr,
-            size,
-            kind: E820Kind::Reserved,
-        }
-    }
-
     #[test]
     fn e820_typical() {
         assert_eq!(
             e820_map(&ram_ranges(512 * MIB)),
             vec![
-                ram(0, EBDA_START),
-                reserved(EBDA_START, HIGH_MEMORY_START - EBDA_START),
-                ram(HIGH_MEMORY_START, 512 * MIB - HIGH_MEMORY_START),
+                E820Entry::ram(0, EBDA_START),
+                E820Entry::reserved(EBDA_START, HIGH_MEMORY_START - EBDA_START),
+                E820Entry::ram(HIGH_MEMORY_START, 512 * MIB - HIGH_MEMORY_START),
             ]
         );
     }
@@ -204,10 +208,10 @@ mod tests {
         assert_eq!(
             e820_map(&ram_ranges(6 * GIB)),
             vec![
-                ram(0, EBDA_START),
-                reserved(EBDA_START, HIGH_MEMORY_START - EBDA_START),
-                ram(HIGH_MEMORY_START, MMIO_HOLE_START - HIGH_MEMORY_START),
-                ram(HIGH_RAM_START, 3 * GIB),
+                E820Entry::ram(0, EBDA_START),
+                E820Entry::reserved(EBDA_START, HIGH_MEMORY_START - EBDA_START),
+                E820Entry::ram(HIGH_MEMORY_START, MMIO_HOLE_START - HIGH_MEMORY_START),
+                E820Entry::ram(HIGH_RAM_START, 3 * GIB),
             ]
         );
     }
@@ -215,22 +219,28 @@ mod tests {
     #[test]
     fn e820_small_sizes() {
         // Below the EBDA: just RAM.
-        assert_eq!(e820_map(&ram_ranges(64 * 1024)), vec![ram(0, 64 * 1024)]);
-        assert_eq!(e820_map(&ram_ranges(0x9f000)), vec![ram(0, 0x9f000)]);
+        assert_eq!(
+            e820_map(&ram_ranges(64 * 1024)),
+            vec![E820Entry::ram(0, 64 * 1024)]
+        );
+        assert_eq!(
+            e820_map(&ram_ranges(0x9f000)),
+            vec![E820Entry::ram(0, 0x9f000)]
+        );
         // Ending inside the legacy area: conventional RAM and the reserved area.
         assert_eq!(
             e820_map(&ram_ranges(0xa0000)),
             vec![
-                ram(0, EBDA_START),
-                reserved(EBDA_START, HIGH_MEMORY_START - EBDA_START)
+                E820Entry::ram(0, EBDA_START),
+                E820Entry::reserved(EBDA_START, HIGH_MEMORY_START - EBDA_START)
             ]
         );
         // Exactly 1 MiB: no empty RAM entry above it.
         assert_eq!(
             e820_map(&ram_ranges(MIB)),
             vec![
-                ram(0, EBDA_START),
-                reserved(EBDA_START, HIGH_MEMORY_START - EBDA_START)
+                E820Entry::ram(0, EBDA_START),
+                E820Entry::reserved(EBDA_START, HIGH_MEMORY_START - EBDA_START)
             ]
         );
         assert_eq!(e820_map(&[]), vec![]);

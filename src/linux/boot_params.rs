@@ -234,22 +234,6 @@ mod tests {
 
     const GIB: u64 = 1 << 30;
 
-    fn ram(addr: u64, size: u64) -> E820Entry {
-        E820Entry {
-            addr,
-            size,
-            kind: E820Kind::Ram,
-        }
-    }
-
-    fn reserved(addr: u64, size: u64) -> E820Entry {
-        E820Entry {
-            addr,
-            size,
-            kind: E820Kind::Reserved,
-        }
-    }
-
     #[test]
     fn reserving_a_range_already_reserved_changes_nothing() {
         let map = e820_map(&ram_ranges(512 * MIB));
@@ -259,19 +243,22 @@ mod tests {
 
     #[test]
     fn reserving_inside_ram_splits_it() {
-        let map = vec![ram(0, 0x9_0000)];
+        let map = vec![E820Entry::ram(0, 0x9_0000)];
         assert_eq!(
             e820_with_reserved(&map, &[(0x8_0000, 0x1000)]),
             vec![
-                ram(0, 0x8_0000),
-                reserved(0x8_0000, 0x1000),
-                ram(0x8_1000, 0xf000)
+                E820Entry::ram(0, 0x8_0000),
+                E820Entry::reserved(0x8_0000, 0x1000),
+                E820Entry::ram(0x8_1000, 0xf000)
             ]
         );
         // At the end of a RAM entry and past it.
         assert_eq!(
             e820_with_reserved(&map, &[(0x8_f000, 0x2000)]),
-            vec![ram(0, 0x8_f000), reserved(0x8_f000, 0x2000)]
+            vec![
+                E820Entry::ram(0, 0x8_f000),
+                E820Entry::reserved(0x8_f000, 0x2000)
+            ]
         );
     }
 
@@ -394,7 +381,9 @@ mod tests {
         let (addr, size) = (unused.addr, unused.size);
         assert_eq!((addr, size), (0, 0));
 
-        let too_many: Vec<E820Entry> = (0..129).map(|i| ram(i * 0x10_0000, 0x1000)).collect();
+        let too_many: Vec<E820Entry> = (0..129)
+            .map(|i| E820Entry::ram(i * 0x10_0000, 0x1000))
+            .collect();
         assert!(matches!(
             zero_page(&kernel, 0x2_0000, None, &too_many),
             Err(Error::TooManyE820Entries {
