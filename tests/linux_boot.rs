@@ -9,9 +9,9 @@
 //! cargo test --release --test linux_boot -- --ignored --nocapture
 //! ```
 //!
-//! It boots Debian's cloud kernel (prepared by `scripts/prepare-debian-guest.sh`, which it
-//! runs if `target/debian-guest` is empty) until the kernel prints its banner and its E820
-//! map, and checks how the run ends: on a host with hardware virtualization the guest's init
+//! It boots Debian's cloud kernel on two vCPUs (prepared by `scripts/prepare-debian-guest.sh`,
+//! which it runs if `target/debian-guest` is empty) until the kernel prints its banner, its
+//! E820 map and the two CPUs it found in the ACPI tables, and checks how the run ends: on a host with hardware virtualization the guest's init
 //! writes a file on its disk and resets the machine (exit 0); on these hosts the VM ends with
 //! the emulation error, reported with its RIP and reason (exit 1), not a hang or a panic.
 
@@ -137,6 +137,8 @@ fn the_debian_kernel_prints_its_banner_and_e820_map_and_its_end_is_reported() {
             "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=-1",
             "--memory",
             "512M",
+            "--cpus",
+            "2",
             "--transport",
             "pci",
             "--disk",
@@ -161,6 +163,9 @@ fn the_debian_kernel_prints_its_banner_and_e820_map_and_its_end_is_reported() {
         console.contains("BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable"),
         "RAM above 1 MiB missing from the E820 map"
     );
+    // Both vCPUs, found in the ACPI tables (this kernel reads no MP table).
+    assert!(console.contains("ACPI: Using ACPI (MADT) for SMP configuration information"));
+    assert!(console.contains("smpboot: Allowing 2 CPUs"), "not both vCPUs");
     assert!(!stderr.contains("panicked"), "the VMM panicked");
     match output.status.code() {
         // Hardware virtualization: the guest's init wrote its file and reset the machine.

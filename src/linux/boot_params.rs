@@ -160,8 +160,8 @@ pub struct PvhStartInfo {
 }
 
 /// The PVH start info: version 1, the command line, the initrd as the first module (Linux takes
-/// the first module as its initrd), the memory map from `e820`, no ACPI RSDP (the kernel finds
-/// the MP table by scanning).
+/// the first module as its initrd), the memory map from `e820`; the caller sets `rsdp_paddr`
+/// to its ACPI tables (see [`super::acpi`]).
 pub fn pvh_start_info(
     cmdline_address: u64,
     initrd: Option<Initrd>,

@@ -1,4 +1,4 @@
-//! Booting a Linux kernel: loading it, its boot parameters and the MP table.
+//! Booting a Linux kernel: loading it, its boot parameters, the MP table and the ACPI tables.
 //!
 //! # Boot flow
 //!
@@ -15,18 +15,20 @@
 //!    `virtio_mmio.device=4K@0xd0000000:5` per virtio-mmio device, and `console=ttyS0`),
 //!    checked against the kernel's limit by [`LoadedKernel::cmdline`].
 //! 4. **Write the boot information**: [`configure`] writes the MP table ([`mptable`]), the
-//!    command line, and either the zero page with its E820 map (Linux 64-bit boot protocol,
-//!    [`boot_params`]) or the PVH start info with its memory map and the initrd as a module
-//!    (PVH), and returns the [`BootEntry`]. The E820 map is `GuestRam::e820()` from
-//!    `vmkit-memory` with the MP table's range reserved (it already is: it lies in the EBDA
-//!    area the map reserves).
+//!    ACPI tables ([`acpi`]), the command line, and either the zero page with its E820 map and
+//!    the RSDP's address in `acpi_rsdp_addr` (Linux 64-bit boot protocol, [`boot_params`]) or
+//!    the PVH start info with its memory map, the initrd as a module and the RSDP's address in
+//!    `rsdp_paddr` (PVH), and returns the [`BootEntry`]. The E820 map is `GuestRam::e820()`
+//!    from `vmkit-memory` with the MP table's and the ACPI tables' ranges reserved (they already
+//!    are: they lie in the EBDA and BIOS area the map reserves).
 //! 5. **Start the vCPUs**: vCPU 0 (the BSP) gets [`BootEntry::entry_state`]'s registers,
 //!    applied with `EntryState::apply`: for the 64-bit protocol this is
 //!    `vmkit_vcpu::x86_64::boot::LinuxBoot` (long mode, CPL0, `RSI` = zero page, identity-mapped
 //!    low 4 GiB); for PVH it is [`pvh::PvhBoot`] (32-bit protected mode, paging off, `EBX` =
 //!    start info). The other vCPUs get no entry state: KVM keeps application processors in
-//!    wait-for-SIPI until the kernel starts them with INIT/SIPI, using the MP table's processor
-//!    entries (APIC ID = vCPU index, as `vmkit-vcpu`'s CPUID topology sets them).
+//!    wait-for-SIPI until the kernel starts them with INIT/SIPI, using the MADT's or the MP
+//!    table's processor entries (APIC ID = vCPU index, as `vmkit-vcpu`'s CPUID topology sets
+//!    them).
 //!
 //! The guest-physical layout below 1 MiB:
 //!
@@ -39,15 +41,17 @@
 //! | 0x9000-0x10000 | `LinuxBoot`'s page tables |
 //! | 0x20000 | command line ([`CMDLINE_ADDRESS`]) |
 //! | 0x9fc00 | MP floating pointer and configuration table ([`mptable::MPTABLE_ADDRESS`]), in the EBDA area the E820 map reserves |
+//! | 0xe0000 | ACPI tables: RSDP ([`acpi::RSDP_ADDRESS`]), XSDT, FADT, DSDT, MADT, in the BIOS area the E820 map reserves |
 //!
-//! A kernel built without `CONFIG_X86_MPPARSE` ignores the MP table and runs on the boot vCPU
-//! alone ("smpboot: Boot CPU (id 0) not listed by BIOS", "Allowing 1 CPUs"): Debian's cloud
-//! kernel is one. Such a kernel finds its CPUs only in ACPI tables (a MADT), which this module
-//! does not write.
+//! A kernel built without `CONFIG_X86_MPPARSE` ignores the MP table: Debian's cloud kernel is
+//! one. It finds its CPUs in the ACPI tables' MADT ("ACPI: Using ACPI (MADT) for SMP
+//! configuration information", "smpboot: Allowing N CPUs"), and PCI devices below the DSDT's
+//! host bridge. A kernel with both reads ACPI first.
 //!
 //! The example VM ends a guest that resets itself through the keyboard controller with
 //! `crate::devices::i8042`, and one that triple-faults through the vCPU runner's shutdown exit.
 
+pub mod acpi;
 pub mod boot_params;
 pub mod loader;
 pub mod mptable;
@@ -272,15 +276,19 @@ impl BootEntry {
     }
 }
 
-/// Writes the MP table, the command line and the boot parameters of `config` (see the module
-/// documentation for the layout), and returns where the boot vCPU starts.
+/// Writes the MP table, the ACPI tables, the command line and the boot parameters of `config`
+/// (see the module documentation for the layout), and returns where the boot vCPU starts.
 ///
 /// Fails with [`Error::CpuCount`], [`Error::TooManyE820Entries`], [`Error::CmdlineTooLong`]
 /// (a command line longer than the room below the MP table), [`Error::BadElf`] (PVH asked for
 /// a kernel without a PVH entry), or a memory error (guest RAM smaller than 1 MiB).
 pub fn configure<M: GuestMemoryBackend>(mem: &M, config: &BootConfig) -> Result<BootEntry> {
     let mptable = mptable::write_mptable(mem, config.cpu_count)?;
-    let e820 = boot_params::e820_with_reserved(config.e820, &[(mptable.address, mptable.size)]);
+    let acpi = acpi::write_acpi_tables(mem, config.cpu_count)?;
+    let e820 = boot_params::e820_with_reserved(
+        config.e820,
+        &[(mptable.address, mptable.size), (acpi.rsdp, acpi.size)],
+    );
 
     let cmdline_bytes = config
         .cmdline
@@ -297,8 +305,9 @@ pub fn configure<M: GuestMemoryBackend>(mem: &M, config: &BootConfig) -> Result<
 
     match config.protocol {
         BootProtocol::Linux64 => {
-            let params =
+            let mut params =
                 boot_params::zero_page(config.kernel, CMDLINE_ADDRESS, config.initrd, &e820)?;
+            params.acpi_rsdp_addr = acpi.rsdp;
             boot_params::write_zero_page(mem, &params, ZERO_PAGE_ADDRESS)?;
             Ok(BootEntry::Linux64 {
                 entry: config.kernel.entry_64,
@@ -309,7 +318,8 @@ pub fn configure<M: GuestMemoryBackend>(mem: &M, config: &BootConfig) -> Result<
             let entry = config.kernel.pvh_entry.ok_or_else(|| {
                 Error::BadElf("PVH boot asked for, but the kernel has no PVH entry note".into())
             })?;
-            let info = boot_params::pvh_start_info(CMDLINE_ADDRESS, config.initrd, &e820)?;
+            let mut info = boot_params::pvh_start_info(CMDLINE_ADDRESS, config.initrd, &e820)?;
+            info.start_info.rsdp_paddr = acpi.rsdp;
             boot_params::write_pvh(mem, &info)?;
             Ok(BootEntry::Pvh {
                 entry,
@@ -362,6 +372,8 @@ mod tests {
             params.hdr.ramdisk_size,
         );
         assert_eq!(u64::from(ptr), CMDLINE_ADDRESS);
+        let rsdp = params.acpi_rsdp_addr;
+        assert_eq!(rsdp, acpi::RSDP_ADDRESS);
         assert_eq!((u64::from(image), size), (initrd.address, 5000));
         let mut line = [0u8; 23];
         mem.read_slice(&mut line, GuestAddress(CMDLINE_ADDRESS))
@@ -371,6 +383,8 @@ mod tests {
             .read_obj(GuestAddress(mptable::MPTABLE_ADDRESS))
             .unwrap();
         assert_eq!(&signature, b"_MP_");
+        let signature: [u8; 8] = mem.read_obj(GuestAddress(acpi::RSDP_ADDRESS)).unwrap();
+        assert_eq!(&signature, b"RSD PTR ");
 
         let state = entry.entry_state(&mem).unwrap();
         assert_eq!(state.regs.rip, 0x100_0200);
@@ -407,6 +421,7 @@ mod tests {
         let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_START_INFO_ADDRESS)).unwrap();
         assert_eq!(info.cmdline_paddr, CMDLINE_ADDRESS);
         assert_eq!(info.memmap_entries, 3);
+        assert_eq!(info.rsdp_paddr, acpi::RSDP_ADDRESS);
         let state = entry.entry_state(&mem).unwrap();
         assert_eq!(state.regs.rbx, PVH_START_INFO_ADDRESS);
         assert_eq!(state.regs.rip, 0x100_0850);
