@@ -165,7 +165,10 @@ fn the_debian_kernel_prints_its_banner_and_e820_map_and_its_end_is_reported() {
     );
     // Both vCPUs, found in the ACPI tables (this kernel reads no MP table).
     assert!(console.contains("ACPI: Using ACPI (MADT) for SMP configuration information"));
-    assert!(console.contains("smpboot: Allowing 2 CPUs"), "not both vCPUs");
+    assert!(
+        console.contains("smpboot: Allowing 2 CPUs"),
+        "not both vCPUs"
+    );
     assert!(!stderr.contains("panicked"), "the VMM panicked");
     match output.status.code() {
         // Hardware virtualization: the guest's init wrote its file and reset the machine.
