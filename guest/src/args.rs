@@ -15,6 +15,8 @@ pub struct Args {
     pub touch_mib: u64,
     /// `spin`: every vCPU increments its progress counter forever instead of exiting.
     pub spin: bool,
+    /// `crashload`: run the crash test's write-and-flush workload on disk 0 until killed.
+    pub crashload: bool,
     /// `iobench=randread|randwrite` and its parameters: run the I/O benchmark instead of the
     /// disk checks.
     pub iobench: Option<IoBench>,
@@ -78,6 +80,7 @@ impl Default for Args {
             compute: 1,
             touch_mib: 0,
             spin: false,
+            crashload: false,
             iobench: None,
         }
     }
@@ -133,6 +136,8 @@ pub fn parse(args: &[u8]) -> Result<Args, Error<'_>> {
             b"touch" => parsed.touch_mib = number()?,
             b"spin" if value.is_none() => parsed.spin = true,
             b"spin" => return Err(Error::BadValue(word)),
+            b"crashload" if value.is_none() => parsed.crashload = true,
+            b"crashload" => return Err(Error::BadValue(word)),
             b"iobench" => {
                 bench_op = Some(match value {
                     Some(b"randread") => BenchOp::RandRead,

@@ -148,6 +148,9 @@ fn boot_cpu(info: &'static BootInfo) -> ! {
         println!("compute: ok ({})", workloads::PRIMES_BELOW_LIMIT);
     }
 
+    if args.crashload {
+        virtio_blk::crashload(info);
+    }
     match &args.iobench {
         // The benchmark replaces the disk checks, which would overwrite sectors 0-191.
         Some(bench) => virtio_blk::iobench(info, bench),

@@ -10,12 +10,14 @@
 //! with a TSC timeout.
 
 mod bench;
+mod crash;
 mod mmio;
 mod pci;
 mod transport;
 mod virtqueue;
 
 pub use bench::run as iobench;
+pub use crash::run as crashload;
 
 use core::ptr;
 
