@@ -59,6 +59,11 @@ pub enum Error {
     /// The driver offered a descriptor head that is still in use by a request.
     #[error("descriptor head {0} was made available again while in flight")]
     HeadInFlight(u16),
+    /// A chain with no status byte the device could write: the request can be neither
+    /// answered nor failed, so the queue stops (`NEEDS_RESET`), as QEMU's device breaks,
+    /// rather than hand the chain back and let the driver read a stale status as success.
+    #[error("descriptor chain {0} has no writable status byte")]
+    NoStatusByte(u16),
     /// Guest memory could not be written (a status byte, the used ring).
     #[error("guest memory access failed: {0}")]
     GuestMemory(vm_memory::GuestMemoryError),

@@ -225,10 +225,7 @@ impl<M: GuestMemory> BlockQueue<M> {
                     add_used(&mut self.queue, mem, &mut self.used_pending, head, len)?;
                     continue;
                 }
-                Parsed::Unanswerable => {
-                    add_used(&mut self.queue, mem, &mut self.used_pending, head, 0)?;
-                    continue;
-                }
+                Parsed::Unanswerable => return Err(Error::NoStatusByte(head)),
             }
             let request = match slot.kind {
                 RequestKind::Read => Request::Read {

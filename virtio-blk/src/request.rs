@@ -177,7 +177,8 @@ pub(crate) enum Parsed {
         /// Data bytes written into the guest's buffers (the status byte excluded).
         written: u32,
     },
-    /// There is no usable status byte: return the chain with nothing written.
+    /// There is no usable status byte: the request can be neither answered nor failed (the
+    /// queue then needs a reset, see `Error::NoStatusByte`).
     Unanswerable,
 }
 
