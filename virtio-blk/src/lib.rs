@@ -64,6 +64,10 @@ pub enum Error {
     /// rather than hand the chain back and let the driver read a stale status as success.
     #[error("descriptor chain {0} has no writable status byte")]
     NoStatusByte(u16),
+    /// The available ring keeps saying it holds buffers, but none can be read (its entries
+    /// lie outside guest RAM).
+    #[error("the available ring announces buffers that cannot be read")]
+    StalledRing,
     /// Guest memory could not be written (a status byte, the used ring).
     #[error("guest memory access failed: {0}")]
     GuestMemory(vm_memory::GuestMemoryError),

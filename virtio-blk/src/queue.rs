@@ -170,19 +170,30 @@ impl<M: GuestMemory> BlockQueue<M> {
     fn pop_and_submit(&mut self) -> Result<(), Error> {
         self.throttled = false;
         let mut pushed = false;
+        // Rounds in a row that took nothing although the ring said there was more.
+        let mut empty_rounds = 0;
         let result = loop {
             if let Err(e) = self.queue.disable_notification(self.mem.as_ref()) {
                 break Err(Error::Queue(e));
             }
-            if let Err(e) = self.pop_batch(&mut pushed) {
-                break Err(e);
-            }
+            let popped = match self.pop_batch(&mut pushed) {
+                Ok(popped) => popped,
+                Err(e) => break Err(e),
+            };
             if self.throttled {
                 break Ok(());
             }
             // Re-enabling notifications reports buffers that arrived meanwhile.
             match self.queue.enable_notification(self.mem.as_ref()) {
-                Ok(true) => continue,
+                Ok(true) => {
+                    // A buffer made available between the two reads is taken in the next
+                    // round; a ring that keeps saying "more" and yields nothing (its
+                    // entries lie outside guest RAM) would keep this thread here forever.
+                    empty_rounds = if popped == 0 { empty_rounds + 1 } else { 0 };
+                    if empty_rounds > 1 {
+                        break Err(Error::StalledRing);
+                    }
+                }
                 Ok(false) => break Ok(()),
                 Err(e) => break Err(Error::Queue(e)),
             }
@@ -194,20 +205,24 @@ impl<M: GuestMemory> BlockQueue<M> {
         result
     }
 
-    fn pop_batch(&mut self, pushed: &mut bool) -> Result<(), Error> {
+    /// Takes what the available ring holds, until it is empty or the disk is full; returns
+    /// how many chains it took.
+    fn pop_batch(&mut self, pushed: &mut bool) -> Result<usize, Error> {
         let mem = self.mem.as_ref();
+        let mut popped = 0;
         loop {
             if self.disk.in_flight() >= self.disk.max_in_flight() {
                 self.throttled = true;
-                return Ok(());
+                return Ok(popped);
             }
             let chain = match self.queue.iter(mem) {
                 Ok(mut available) => available.next(),
                 Err(e) => return Err(Error::Queue(e)),
             };
             let Some(chain) = chain else {
-                return Ok(());
+                return Ok(popped);
             };
+            popped += 1;
             let head = chain.head_index();
             // A head outside the queue cannot even be returned in the used ring.
             let slot = self
@@ -260,7 +275,7 @@ impl<M: GuestMemory> BlockQueue<M> {
                     // Leave the chain on the ring; it is popped again when there is room.
                     self.queue.go_to_previous_position();
                     self.throttled = true;
-                    return Ok(());
+                    return Ok(popped - 1);
                 }
                 Err(e) => {
                     write_status(mem, slot, status_of(&e))?;

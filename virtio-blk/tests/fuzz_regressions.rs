@@ -48,7 +48,6 @@ fn empty_and_truncated_inputs() {
 /// guest memory zero: `pop_and_submit` loops on `enable_notification` returning
 /// `Ok(true)` without ever popping a chain. The test gives it 5 s on another thread.
 #[test]
-#[ignore = "virtio-blk hang in pop_and_submit on an invalid queue (virtio-blk/src not fixed yet)"]
 fn process_queue_returns_on_an_invalid_queue() {
     let input = [
         0x10, 0x10, 0xff, 0xff, 0xff, 0xff, 0xfa, 0xff, 0xfc, 0xff, 0xff, 0xfe, 0x20,
