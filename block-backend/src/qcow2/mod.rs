@@ -337,7 +337,9 @@ impl Qcow2Disk {
         };
 
         let info = DiskInfo {
-            size: header.size,
+            // Whole sectors only, as QEMU counts them: a partial last sector would take
+            // writes that the image cannot keep (its bytes past the virtual size).
+            size: header.size / 512 * 512,
             logical_block_size: 512,
             physical_block_size: raw.info().physical_block_size,
             request_alignment: 1,
