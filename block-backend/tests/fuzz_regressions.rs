@@ -8,38 +8,17 @@ mod harness;
 
 use std::path::PathBuf;
 
-fn corpus() -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/qcow2_image");
-    let mut inputs: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .map(|path| {
-            let bytes = std::fs::read(&path).unwrap();
-            (path, bytes)
-        })
-        .collect();
-    inputs.sort();
-    inputs
-}
+#[path = "../../fuzz/src/replay.rs"]
+mod replay;
 
 #[test]
 fn seed_corpus_replays_cleanly() {
-    let inputs = corpus();
-    assert!(inputs.len() >= 5, "the seed corpus is missing");
-    for (path, bytes) in inputs {
-        eprintln!("{}", path.display());
-        harness::run(&bytes);
-    }
+    replay::replay_seeds("qcow2_image", harness::run);
 }
 
 #[test]
 fn empty_and_truncated_inputs() {
-    harness::run(&[]);
-    for (_, bytes) in corpus() {
-        for len in [1, 9, 16, bytes.len() / 2] {
-            harness::run(bytes.get(..len).unwrap_or(&bytes));
-        }
-    }
+    replay::replay_truncated("qcow2_image", harness::run);
 }
 
 /// Found by the fuzzer in its first 3-minute run: an image whose virtual size (94464) is not

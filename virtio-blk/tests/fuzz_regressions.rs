@@ -6,40 +6,17 @@
 #[path = "../../fuzz/src/virtio_blk.rs"]
 mod harness;
 
-use std::path::PathBuf;
-
-fn corpus() -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/virtio_blk_queue");
-    let mut inputs: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .map(|path| {
-            let bytes = std::fs::read(&path).unwrap();
-            (path, bytes)
-        })
-        .collect();
-    inputs.sort();
-    inputs
-}
+#[path = "../../fuzz/src/replay.rs"]
+mod replay;
 
 #[test]
 fn seed_corpus_replays_cleanly() {
-    let inputs = corpus();
-    assert!(inputs.len() >= 5, "the seed corpus is missing");
-    for (path, bytes) in inputs {
-        eprintln!("{}", path.display());
-        harness::run(&bytes);
-    }
+    replay::replay_seeds("virtio_blk_queue", harness::run);
 }
 
 #[test]
 fn empty_and_truncated_inputs() {
-    harness::run(&[]);
-    for (_, bytes) in corpus() {
-        for len in [1, 9, 16, bytes.len() / 2] {
-            harness::run(bytes.get(..len).unwrap_or(&bytes));
-        }
-    }
+    replay::replay_truncated("virtio_blk_queue", harness::run);
 }
 
 /// Found by the fuzzer (3-minute run): `BlockQueue::process_queue` never returns. Queue
