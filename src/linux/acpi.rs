@@ -388,35 +388,10 @@ pub fn write_acpi_tables<M: GuestMemoryBackend>(mem: &M, cpu_count: u32) -> Resu
 
 #[cfg(test)]
 mod tests {
-    use super::super::loader::tests::{memory, MIB};
+    use super::super::loader::tests::{memory, sum, u16_at, u32_at, u64_at, MIB};
     use super::*;
     use vmkit_memory::layout::{e820_map, ram_ranges};
     use vmkit_memory::E820Kind;
-
-    fn sum(bytes: &[u8]) -> u8 {
-        bytes.iter().fold(0u8, |s, &b| s.wrapping_add(b))
-    }
-
-    fn u16_at(b: &[u8], o: usize) -> u16 {
-        u16::from_le_bytes([b[o], b[o + 1]])
-    }
-
-    fn u32_at(b: &[u8], o: usize) -> u32 {
-        u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-    }
-
-    fn u64_at(b: &[u8], o: usize) -> u64 {
-        u64::from_le_bytes([
-            b[o],
-            b[o + 1],
-            b[o + 2],
-            b[o + 3],
-            b[o + 4],
-            b[o + 5],
-            b[o + 6],
-            b[o + 7],
-        ])
-    }
 
     /// Reads a system description table at `address` through its header's length, checking
     /// its signature and checksum, as ACPICA does before it uses a table.

@@ -593,6 +593,24 @@ pub(crate) mod tests {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap()
     }
 
+    /// The byte sum of `bytes`: 0 for a table with a right checksum.
+    pub(crate) fn sum(bytes: &[u8]) -> u8 {
+        bytes.iter().fold(0u8, |s, &b| s.wrapping_add(b))
+    }
+
+    /// Little-endian fields of a table under test (panics if out of range, as a test may).
+    pub(crate) fn u16_at(b: &[u8], o: usize) -> u16 {
+        super::u16_at(b, o).expect("in range")
+    }
+
+    pub(crate) fn u32_at(b: &[u8], o: usize) -> u32 {
+        super::u32_at(b, o).expect("in range")
+    }
+
+    pub(crate) fn u64_at(b: &[u8], o: usize) -> u64 {
+        super::u64_at(b, o).expect("in range")
+    }
+
     /// A synthetic bzImage: `setup_sects` sectors of setup after the boot sector, a header as a
     /// 2.15 kernel has it, and `payload` bytes of "compressed kernel".
     pub(crate) fn bzimage(payload: &[u8]) -> Vec<u8> {

@@ -179,20 +179,8 @@ pub fn write_mptable<M: GuestMemoryBackend>(mem: &M, cpu_count: u32) -> Result<M
 
 #[cfg(test)]
 mod tests {
-    use super::super::loader::tests::{memory, MIB};
+    use super::super::loader::tests::{memory, sum, u16_at, u32_at, MIB};
     use super::*;
-
-    fn sum(bytes: &[u8]) -> u8 {
-        bytes.iter().fold(0u8, |s, &b| s.wrapping_add(b))
-    }
-
-    fn u16_at(b: &[u8], o: usize) -> u16 {
-        u16::from_le_bytes([b[o], b[o + 1]])
-    }
-
-    fn u32_at(b: &[u8], o: usize) -> u32 {
-        u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-    }
 
     /// The entries of a configuration table, as (type, bytes), walked as Linux walks them.
     fn entries(table: &[u8]) -> Vec<(u8, Vec<u8>)> {
