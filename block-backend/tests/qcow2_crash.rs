@@ -83,6 +83,23 @@ fn write_until_killed(image: &str, cache: &str) -> ! {
     }
 }
 
+/// Reads the writer's standard error until it says it started (true), ends, or 30 s pass.
+fn wait_for_start(child: &mut std::process::Child) -> bool {
+    use std::io::{BufRead, BufReader};
+    let Some(stderr) = child.stderr.take() else {
+        return false;
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("writer: started") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30)).is_ok()
+}
+
 #[test]
 fn killed_writers_leave_leaks_at_most() {
     if let (Ok(image), Ok(cache)) = (std::env::var(CHILD_IMAGE), std::env::var(CHILD_CACHE)) {
@@ -116,13 +133,20 @@ fn killed_writers_leave_leaks_at_most() {
                 .env(CHILD_IMAGE, &image)
                 .env(CHILD_CACHE, cache.name())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(Stdio::piped())
                 .spawn()
                 .unwrap();
-            // Start-up takes a few milliseconds; the kill lands anywhere in the writes after.
-            std::thread::sleep(Duration::from_millis(20 + random.next() % 80));
+            // Wait until the writer has opened the image and started (a loaded machine may
+            // take a while to start a process), then kill it anywhere in its writes.
+            let started = wait_for_start(&mut child);
+            std::thread::sleep(Duration::from_millis(5 + random.next() % 60));
             child.kill().unwrap();
             child.wait().unwrap();
+            assert!(
+                started,
+                "{} kill {kill}: the writer never started",
+                cache.name()
+            );
 
             let what = format!("{} kill {kill}", cache.name());
             let out = Command::new("qemu-img")
