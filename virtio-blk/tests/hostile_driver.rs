@@ -51,16 +51,6 @@ fn one_at_a_time() -> MutexGuard<'static, ()> {
 
 type Mmio = MmioTransport<Mem>;
 
-fn r32(mmio: &Mmio, offset: u64) -> u32 {
-    let mut data = [0u8; 4];
-    mmio.read(offset, &mut data);
-    u32::from_le_bytes(data)
-}
-
-fn w32(mmio: &Mmio, offset: u64, value: u32) {
-    mmio.write(offset, &value.to_le_bytes());
-}
-
 fn needs_reset(mmio: &Mmio) -> bool {
     r32(mmio, reg::STATUS) & status::NEEDS_RESET != 0
 }
@@ -340,21 +330,6 @@ impl Rig {
         self.after(name, got, expected);
         got
     }
-}
-
-fn negotiate(mmio: &Mmio, features: u64) -> bool {
-    w32(mmio, reg::STATUS, status::ACKNOWLEDGE);
-    w32(mmio, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-    for page in 0..2 {
-        w32(mmio, reg::DRIVER_FEATURES_SEL, page);
-        w32(mmio, reg::DRIVER_FEATURES, (features >> (32 * page)) as u32);
-    }
-    w32(
-        mmio,
-        reg::STATUS,
-        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-    );
-    r32(mmio, reg::STATUS) & status::FEATURES_OK != 0
 }
 
 fn setup_queue(mmio: &Mmio, driver: &Driver, index: u32) {

@@ -14,16 +14,6 @@ const EVENT_IDX: u64 = 1 << 29;
 const FLUSH: u64 = 1 << 9;
 const CONFIG_WCE: u64 = 1 << 11;
 
-fn r32(mmio: &MmioTransport<Mem>, offset: u64) -> u32 {
-    let mut data = [0u8; 4];
-    mmio.read(offset, &mut data);
-    u32::from_le_bytes(data)
-}
-
-fn w32(mmio: &MmioTransport<Mem>, offset: u64, value: u32) {
-    mmio.write(offset, &value.to_le_bytes());
-}
-
 fn device(
     queues: usize,
 ) -> (
@@ -47,21 +37,6 @@ fn device(
         Driver::new(mem, 64),
         path,
     )
-}
-
-fn negotiate(mmio: &MmioTransport<Mem>, features: u64) -> bool {
-    w32(mmio, reg::STATUS, status::ACKNOWLEDGE);
-    w32(mmio, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-    for page in 0..2 {
-        w32(mmio, reg::DRIVER_FEATURES_SEL, page);
-        w32(mmio, reg::DRIVER_FEATURES, (features >> (32 * page)) as u32);
-    }
-    w32(
-        mmio,
-        reg::STATUS,
-        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-    );
-    r32(mmio, reg::STATUS) & status::FEATURES_OK != 0
 }
 
 fn setup_queue(mmio: &MmioTransport<Mem>, driver: &Driver, index: u32) {

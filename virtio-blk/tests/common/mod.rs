@@ -249,3 +249,33 @@ pub fn wait_for(mut cond: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+/// Reads a 32-bit virtio-mmio register, as a driver does.
+pub fn r32(mmio: &vmkit_virtio_blk::MmioTransport<Mem>, offset: u64) -> u32 {
+    let mut data = [0u8; 4];
+    mmio.read(offset, &mut data);
+    u32::from_le_bytes(data)
+}
+
+/// Writes a 32-bit virtio-mmio register, as a driver does.
+pub fn w32(mmio: &vmkit_virtio_blk::MmioTransport<Mem>, offset: u64, value: u32) {
+    mmio.write(offset, &value.to_le_bytes());
+}
+
+/// ACKNOWLEDGE, DRIVER, `features`, FEATURES_OK; whether the device kept FEATURES_OK.
+pub fn negotiate(mmio: &vmkit_virtio_blk::MmioTransport<Mem>, features: u64) -> bool {
+    use vmkit_virtio_blk::device::status;
+    use vmkit_virtio_blk::transport::mmio::reg;
+    w32(mmio, reg::STATUS, status::ACKNOWLEDGE);
+    w32(mmio, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+    for page in 0..2 {
+        w32(mmio, reg::DRIVER_FEATURES_SEL, page);
+        w32(mmio, reg::DRIVER_FEATURES, (features >> (32 * page)) as u32);
+    }
+    w32(
+        mmio,
+        reg::STATUS,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+    );
+    r32(mmio, reg::STATUS) & status::FEATURES_OK != 0
+}
