@@ -7,7 +7,7 @@ use vmkit_guest_abi::{DeviceInfo, DeviceKind, Transport, EXIT_PORT, SERIAL_PORT}
 use vmkit_memory::{Backing, GuestRam, KvmSlots, MemoryAccounting, MemoryConfig};
 use vmkit_pci_passthrough::vfio::KvmDirectMapper;
 use vmkit_vcpu::x86_64::boot::FlatBoot;
-use vmkit_vcpu::{CpuidPolicy, IoBuses, RunningVm, VcpuStats, Vm, VmControl, VmEnd};
+use vmkit_vcpu::{CpuidPolicy, IoBuses, RunningVm, VcpuStats, Vm, VmControl, VmEnd, VmRunner};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::pci::{self, PciRoot};
@@ -326,9 +326,11 @@ impl Vmm {
                 }
             }
         }
-        let running = RunningVm::start(vcpus, buses)?;
-        exit_port.connect(running.control());
-        i8042.connect(running.control());
+        // The devices that end the VM hold its control before the guest's first instruction.
+        let runner = VmRunner::new(vcpus, buses);
+        exit_port.connect(runner.control());
+        i8042.connect(runner.control());
+        let running = runner.start()?;
         let vcpus_started = started.elapsed();
         Ok(Vmm {
             running,

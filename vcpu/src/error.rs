@@ -181,6 +181,14 @@ pub enum VcpuError {
         /// vCPU index.
         index: usize,
     },
+    /// The thread-start hook refused to run the vCPU (see [`crate::VmRunner::on_thread_start`]).
+    #[error("vCPU {index}: thread set-up failed: {reason}")]
+    ThreadSetup {
+        /// vCPU index.
+        index: usize,
+        /// What the hook reported.
+        reason: String,
+    },
     /// `KVM_RUN` itself failed.
     #[error("vCPU {index}: KVM_RUN failed: {errno}")]
     Run {

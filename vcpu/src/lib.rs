@@ -41,7 +41,7 @@ pub mod x86_64;
 
 pub use bus::{Bus, BusDevice, IoBuses};
 pub use error::{Error, Result, VcpuError, VcpuSnapshot};
-pub use runner::{RunningVm, SystemEvent, VmControl, VmEnd, VmOutcome};
+pub use runner::{RunningVm, SystemEvent, ThreadStartHook, VmControl, VmEnd, VmOutcome, VmRunner};
 pub use stats::{ExitKind, VcpuStats};
 pub use vm::{Vcpu, Vm};
 pub use x86_64::cpuid::{CpuidError, CpuidPolicy};

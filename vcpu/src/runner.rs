@@ -236,16 +236,24 @@ impl VmControl {
     }
 }
 
-/// A VM whose vCPUs are running on their threads.
-pub struct RunningVm {
-    control: VmControl,
-    handles: Vec<JoinHandle<()>>,
+/// Runs on each vCPU thread before its first `KVM_RUN`, with the vCPU's index: the place for
+/// per-thread set-up such as a seccomp filter or CPU affinity. An `Err` ends the VM with
+/// [`VcpuError::ThreadSetup`] before that vCPU runs any guest code.
+pub type ThreadStartHook = Arc<dyn Fn(usize) -> std::result::Result<(), String> + Send + Sync>;
+
+/// A VM about to run. Its [`VmControl`] exists before any vCPU does, so a device (an exit port,
+/// a reset line) can hold it from the guest's first instruction: a guest that ends at once
+/// cannot race the hand-over.
+pub struct VmRunner {
+    vcpus: Vec<Vcpu>,
+    buses: Arc<IoBuses>,
+    shared: Arc<Shared>,
+    thread_start: Option<ThreadStartHook>,
 }
 
-impl RunningVm {
-    /// Starts one thread per vCPU. The vCPUs must have their boot state set.
-    pub fn start(vcpus: Vec<Vcpu>, buses: Arc<IoBuses>) -> Result<RunningVm> {
-        install_kick_handler()?;
+impl VmRunner {
+    /// Prepares `vcpus`, whose boot state must be set, to run with `buses`.
+    pub fn new(vcpus: Vec<Vcpu>, buses: Arc<IoBuses>) -> VmRunner {
         let counters: Vec<Arc<VcpuCounters>> = vcpus
             .iter()
             .map(|vcpu| Arc::new(VcpuCounters::new(vcpu.index)))
@@ -261,7 +269,37 @@ impl RunningVm {
             end: Mutex::new(None),
             counters,
         });
+        VmRunner {
+            vcpus,
+            buses,
+            shared,
+            thread_start: None,
+        }
+    }
 
+    /// The VM's control handle. A stop requested before [`start`](Self::start) ends the VM
+    /// before any guest code runs.
+    pub fn control(&self) -> VmControl {
+        VmControl {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Runs `hook` on every vCPU thread before its first `KVM_RUN`.
+    pub fn on_thread_start(mut self, hook: ThreadStartHook) -> VmRunner {
+        self.thread_start = Some(hook);
+        self
+    }
+
+    /// Starts one thread per vCPU.
+    pub fn start(self) -> Result<RunningVm> {
+        install_kick_handler()?;
+        let VmRunner {
+            vcpus,
+            buses,
+            shared,
+            thread_start,
+        } = self;
         let mut handles = Vec::with_capacity(vcpus.len());
         // Threads wait for this lock before running, so every one is registered for kicks first.
         let mut threads = lock(&shared.threads);
@@ -269,9 +307,18 @@ impl RunningVm {
             let index = vcpu.index;
             let thread_shared = shared.clone();
             let thread_buses = buses.clone();
+            let thread_start = thread_start.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || vcpu_thread(position, vcpu, &thread_buses, &thread_shared));
+                .spawn(move || {
+                    vcpu_thread(
+                        position,
+                        vcpu,
+                        &thread_buses,
+                        &thread_shared,
+                        thread_start.as_deref(),
+                    )
+                });
             let handle = match spawned {
                 Ok(handle) => handle,
                 Err(source) => {
@@ -295,6 +342,20 @@ impl RunningVm {
             control: VmControl { shared },
             handles,
         })
+    }
+}
+
+/// A VM whose vCPUs are running on their threads.
+pub struct RunningVm {
+    control: VmControl,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl RunningVm {
+    /// Starts one thread per vCPU. The vCPUs must have their boot state set. Devices that must
+    /// stop the VM get their [`VmControl`] before the start through [`VmRunner`].
+    pub fn start(vcpus: Vec<Vcpu>, buses: Arc<IoBuses>) -> Result<RunningVm> {
+        VmRunner::new(vcpus, buses).start()
     }
 
     /// A control handle for other threads and devices.
@@ -395,7 +456,13 @@ impl Drop for ThreadExit<'_> {
     }
 }
 
-fn vcpu_thread(position: usize, mut vcpu: Vcpu, buses: &IoBuses, shared: &Shared) {
+fn vcpu_thread(
+    position: usize,
+    mut vcpu: Vcpu,
+    buses: &IoBuses,
+    shared: &Shared,
+    thread_start: Option<&(dyn Fn(usize) -> std::result::Result<(), String> + Send + Sync)>,
+) {
     // Wait until the spawner has registered every thread for kicks.
     drop(lock(&shared.threads));
     let counters = &shared.counters[position];
@@ -409,6 +476,15 @@ fn vcpu_thread(position: usize, mut vcpu: Vcpu, buses: &IoBuses, shared: &Shared
     };
     KVM_RUN.with(|run| run.set(vcpu.fd.get_kvm_run()));
     unblock_kick_signal();
+    if let Some(hook) = thread_start {
+        if let Err(reason) = hook(vcpu.index) {
+            shared.request_stop(VmEnd::Error(VcpuError::ThreadSetup {
+                index: vcpu.index,
+                reason,
+            }));
+            return;
+        }
+    }
 
     exit.halted = loop {
         match shared.state() {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 use vmkit_memory::{GuestRam, MemoryConfig};
 use vmkit_vcpu::x86_64::boot::{FlatBoot, LinuxBoot};
-use vmkit_vcpu::{BusDevice, ExitKind, IoBuses, RunningVm, VcpuError, VmControl, VmEnd};
+use vmkit_vcpu::{BusDevice, ExitKind, IoBuses, RunningVm, VcpuError, VmControl, VmEnd, VmRunner};
 
 const PROGRAM: u64 = 0x20_0000;
 const COUNTERS: u64 = 0x30_0000;
@@ -96,8 +96,10 @@ fn start(ram: GuestRam, vcpus: Vec<vmkit_vcpu::Vcpu>) -> TestVm {
         .pio
         .insert(REPORT_PORT, EXIT_PORT - REPORT_PORT + 4, ports.clone())
         .unwrap();
-    let running = RunningVm::start(vcpus, Arc::new(buses)).unwrap();
-    *ports.control.lock().unwrap() = Some(running.control());
+    // The exit port holds the control before the guest runs: a program may exit at once.
+    let runner = VmRunner::new(vcpus, Arc::new(buses));
+    *ports.control.lock().unwrap() = Some(runner.control());
+    let running = runner.start().unwrap();
     TestVm {
         ram,
         ports,
@@ -401,4 +403,73 @@ fn a_panicking_device_ends_the_vm_with_an_error_and_stops_the_other_vcpus() {
     assert_eq!(outcome.end, VmEnd::Error(VcpuError::Panicked { index: 1 }));
     // Pausing an ended VM returns at once.
     control.pause();
+}
+
+#[test]
+fn the_thread_start_hook_runs_on_each_vcpu_thread_before_the_guest() {
+    if !kvm_available() {
+        return;
+    }
+    let (ram, vcpus) = flat_vcpus(2, &spin_counting());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let hook_seen = seen.clone();
+    let runner =
+        VmRunner::new(vcpus, Arc::new(IoBuses::new())).on_thread_start(Arc::new(move |index| {
+            let name = std::thread::current().name().map(str::to_owned);
+            hook_seen.lock().unwrap().push((index, name));
+            Ok(())
+        }));
+    let running = runner.start().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (counter(&ram, 0) == 0 || counter(&ram, 1) == 0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(running.stop().end, VmEnd::Stopped);
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![(0, Some("vcpu0".to_owned())), (1, Some("vcpu1".to_owned()))]
+    );
+}
+
+#[test]
+fn a_failing_thread_start_hook_ends_the_vm_before_any_guest_code() {
+    if !kvm_available() {
+        return;
+    }
+    let (ram, vcpus) = flat_vcpus(2, &spin_counting());
+    let runner = VmRunner::new(vcpus, Arc::new(IoBuses::new())).on_thread_start(Arc::new(
+        |index| match index {
+            1 => Err("no filter for this thread".to_owned()),
+            // vCPU 0 waits, so it is still before its first KVM_RUN when vCPU 1 fails.
+            _ => {
+                std::thread::sleep(Duration::from_millis(200));
+                Ok(())
+            }
+        },
+    ));
+    let outcome = runner.start().unwrap().wait();
+    assert_eq!(
+        outcome.end,
+        VmEnd::Error(VcpuError::ThreadSetup {
+            index: 1,
+            reason: "no filter for this thread".to_owned()
+        })
+    );
+    assert_eq!((counter(&ram, 0), counter(&ram, 1)), (0, 0));
+}
+
+#[test]
+fn a_stop_requested_before_the_start_runs_no_guest_code() {
+    if !kvm_available() {
+        return;
+    }
+    let (ram, vcpus) = flat_vcpus(1, &spin_counting());
+    let runner = VmRunner::new(vcpus, Arc::new(IoBuses::new()));
+    runner.control().stop();
+    let outcome = runner.start().unwrap().wait();
+    assert_eq!(outcome.end, VmEnd::Stopped);
+    assert_eq!(counter(&ram, 0), 0);
+    assert_eq!(outcome.stats[0].exits.total(), 0);
 }

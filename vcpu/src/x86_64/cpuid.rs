@@ -1542,7 +1542,7 @@ mod tests {
         use vmkit_memory::{GuestRam, MemoryConfig};
 
         use crate::x86_64::boot::LinuxBoot;
-        use crate::{BusDevice, IoBuses, RunningVm, VmControl, VmEnd};
+        use crate::{BusDevice, IoBuses, VmControl, VmEnd, VmRunner};
 
         #[derive(Default)]
         struct Reports {
@@ -1616,8 +1616,11 @@ mod tests {
         let reports = Arc::new(Reports::default());
         let buses = IoBuses::new();
         buses.pio.insert(0x80, 2, reports.clone()).unwrap();
-        let running = RunningVm::start(vcpus, Arc::new(buses)).unwrap();
-        *reports.control.lock().unwrap() = Some(running.control());
+        // The control is in place before the guest runs: it reaches the stop port within
+        // a few dozen instructions.
+        let runner = VmRunner::new(vcpus, Arc::new(buses));
+        *reports.control.lock().unwrap() = Some(runner.control());
+        let running = runner.start().unwrap();
         assert_eq!(running.wait().end, VmEnd::Stopped);
         let values = reports.values.lock().unwrap().clone();
         let [ecx, edx, ebx, cores] = values[..] else {
