@@ -20,6 +20,7 @@ use crate::config::{written_writeback, BlockConfig};
 use crate::features::{bit, offered_features};
 use crate::interrupt::{InterruptSink, StatusInterrupt};
 use crate::queue::BlockQueue;
+use crate::spawner::{StdSpawner, ThreadSpawner};
 use crate::worker::{self, NeedsReset, WorkerHandle};
 use crate::Error;
 
@@ -44,12 +45,14 @@ pub mod status {
 const MAX_QUEUE_SIZE: u16 = 32768;
 
 /// Settings of a block device.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct BlockOptions {
     /// The GET_ID answer; at most 20 bytes are used.
     pub serial: Vec<u8>,
     /// The largest queue size the driver may choose (a power of two, at most 32768).
     pub queue_size: u16,
+    /// Starts the queues' I/O threads (see [`crate::spawner`]).
+    pub spawner: Arc<dyn ThreadSpawner>,
 }
 
 impl Default for BlockOptions {
@@ -57,7 +60,17 @@ impl Default for BlockOptions {
         BlockOptions {
             serial: Vec::new(),
             queue_size: 256,
+            spawner: Arc::new(StdSpawner),
         }
+    }
+}
+
+impl std::fmt::Debug for BlockOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockOptions")
+            .field("serial", &self.serial)
+            .field("queue_size", &self.queue_size)
+            .finish_non_exhaustive()
     }
 }
 
@@ -110,6 +123,7 @@ pub struct BlockDevice<M: GuestMemory + Send + Sync + 'static> {
     interrupt: StatusInterrupt,
     needs_reset: Arc<NeedsReset>,
     config_generation: u32,
+    spawner: Arc<dyn ThreadSpawner>,
     workers: Vec<(usize, WorkerHandle)>,
 }
 
@@ -163,6 +177,7 @@ impl<M: GuestMemory + Send + Sync + 'static> BlockDevice<M> {
             interrupt,
             needs_reset,
             config_generation: 0,
+            spawner: options.spawner,
             workers: Vec::new(),
         })
     }
@@ -428,7 +443,12 @@ impl<M: GuestMemory + Send + Sync + 'static> BlockDevice<M> {
                 Arc::new(self.interrupt.clone()),
                 &self.serial,
             );
-            match worker::spawn(block_queue, notify, self.needs_reset.clone()) {
+            match worker::spawn(
+                self.spawner.as_ref(),
+                block_queue,
+                notify,
+                self.needs_reset.clone(),
+            ) {
                 Ok(handle) => self.workers.push((index, handle)),
                 Err((e, disk)) => {
                     log::error!("virtio-blk: cannot start queue {index}: {e}");

@@ -25,6 +25,7 @@ pub mod features;
 pub mod interrupt;
 pub mod queue;
 pub mod request;
+pub mod spawner;
 pub mod transport;
 mod worker;
 
@@ -32,6 +33,7 @@ pub use config::BlockConfig;
 pub use device::{BlockDevice, BlockOptions, QueueConfig};
 pub use interrupt::{CountingInterrupt, EventFdInterrupt, InterruptSink};
 pub use queue::BlockQueue;
+pub use spawner::{StdSpawner, ThreadSpawner};
 pub use transport::mmio::MmioTransport;
 pub use transport::pci::VirtioPciTransport;
 

@@ -2,7 +2,7 @@
 //! eventfd, the disk's completion eventfd and a stop eventfd.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
@@ -12,6 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::interrupt::InterruptSink;
 use crate::queue::BlockQueue;
+use crate::spawner::ThreadSpawner;
 use crate::Error;
 
 const NOTIFY: u32 = 0;
@@ -96,14 +97,17 @@ impl<M: GuestMemory> MutEventSubscriber for QueueWorker<M> {
 /// A running I/O thread.
 pub(crate) struct WorkerHandle {
     stop: EventFd,
-    thread: JoinHandle<Option<Box<dyn AsyncDisk>>>,
+    thread: JoinHandle<()>,
+    // The thread hands the disk back here as it ends.
+    disk: mpsc::Receiver<Box<dyn AsyncDisk>>,
 }
 
 impl WorkerHandle {
     /// Stops the thread; returns the disk once every request in flight has finished.
     pub(crate) fn stop(self) -> Option<Box<dyn AsyncDisk>> {
         let _ = self.stop.write(1);
-        self.thread.join().ok().flatten()
+        let _ = self.thread.join();
+        self.disk.try_recv().ok()
     }
 }
 
@@ -112,6 +116,7 @@ pub(crate) type SpawnError = (Error, Option<Box<dyn AsyncDisk>>);
 
 /// Starts the I/O thread of `queue`, woken by `notify`.
 pub(crate) fn spawn<M: GuestMemory + Send + Sync + 'static>(
+    spawner: &dyn ThreadSpawner,
     queue: BlockQueue<M>,
     notify: EventFd,
     needs_reset: Arc<NeedsReset>,
@@ -131,13 +136,34 @@ pub(crate) fn spawn<M: GuestMemory + Send + Sync + 'static>(
         needs_reset,
     };
     let id = manager.add_subscriber(worker);
-    let thread = std::thread::Builder::new()
-        .name(format!("virtio-blk-q{index}"))
-        .spawn(move || run(manager, id));
+    // The loop waits here until its thread takes it, so that a spawner that refuses leaves
+    // the queue and its disk with the device.
+    let waiting = Arc::new(Mutex::new(Some(manager)));
+    let thread_waiting = waiting.clone();
+    let (disk_back, disk) = mpsc::sync_channel(1);
+    let thread = spawner.spawn(
+        format!("virtio-blk-q{index}"),
+        Box::new(move || {
+            let manager = thread_waiting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(disk) = manager.and_then(|manager| run(manager, id)) {
+                let _ = disk_back.send(disk);
+            }
+        }),
+    );
     match thread {
-        Ok(thread) => Ok(WorkerHandle { stop, thread }),
-        // The closure, queue and disk are gone with the failed spawn; nothing was pushed.
-        Err(e) => Err((Error::Io(e), None)),
+        Ok(thread) => Ok(WorkerHandle { stop, thread, disk }),
+        Err(e) => {
+            let disk = waiting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .and_then(|mut manager| manager.remove_subscriber(id).ok())
+                .map(|worker| worker.queue.into_disk());
+            Err((Error::Io(e), disk))
+        }
     }
 }
 

@@ -198,6 +198,7 @@ impl Rig {
         let opts = || BlockOptions {
             serial: b"hostile".to_vec(),
             queue_size: QMAX,
+            ..BlockOptions::default()
         };
         let a = BlockDevice::new(
             vec![Box::new(slow_engine), open(&path_a, false)],
@@ -1065,6 +1066,7 @@ fn pci_queue_sizes_features_and_config_writes() {
     let options = BlockOptions {
         serial: b"pci".to_vec(),
         queue_size: QMAX,
+        ..BlockOptions::default()
     };
     let t =
         VirtioPciTransport::build(vec![open(&path, false)], mem.clone(), options, routing).unwrap();

@@ -29,6 +29,7 @@ fn device(
     let options = BlockOptions {
         serial: b"mmio".to_vec(),
         queue_size: 64,
+        ..BlockOptions::default()
     };
     let device = BlockDevice::new(disks, mem.clone(), interrupt.clone(), options).unwrap();
     (
@@ -506,6 +507,7 @@ fn reset_waits_for_reads_in_flight_and_nothing_touches_memory_after() {
     let options = BlockOptions {
         serial: Vec::new(),
         queue_size: 64,
+        ..BlockOptions::default()
     };
     let device = BlockDevice::new(vec![Box::new(disk)], mem.clone(), interrupt, options).unwrap();
     let mmio = MmioTransport::new(device);
@@ -545,4 +547,74 @@ fn reset_waits_for_reads_in_flight_and_nothing_touches_memory_after() {
         assert_eq!(driver.read(buf, 4096), vec![0xee; 4096]);
     }
     assert_eq!(driver.used_idx(), 0);
+}
+
+/// Records the threads it is asked for; refuses them while `refuse` is set.
+#[derive(Default)]
+struct RecordingSpawner {
+    names: std::sync::Mutex<Vec<String>>,
+    refuse: std::sync::atomic::AtomicBool,
+}
+
+impl vmkit_virtio_blk::ThreadSpawner for RecordingSpawner {
+    fn spawn(
+        &self,
+        name: String,
+        work: vmkit_virtio_blk::spawner::ThreadWork,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        self.names.lock().unwrap().push(name.clone());
+        if self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::other("no threads today"));
+        }
+        vmkit_virtio_blk::StdSpawner.spawn(name, work)
+    }
+}
+
+#[test]
+fn io_threads_come_from_the_given_spawner_and_a_refusal_needs_reset_without_losing_the_disk() {
+    let mem = memory();
+    let path = image(1 << 20, 0);
+    let spawner = Arc::new(RecordingSpawner::default());
+    spawner
+        .refuse
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let options = BlockOptions {
+        spawner: spawner.clone(),
+        queue_size: 64,
+        ..BlockOptions::default()
+    };
+    let device = BlockDevice::new(
+        vec![open(&path, false)],
+        mem.clone(),
+        Arc::new(CountingInterrupt::new()),
+        options,
+    )
+    .unwrap();
+    let mmio = MmioTransport::new(device);
+    let mut driver = Driver::new(mem, 64);
+
+    // Refused: the device needs a reset, and keeps its disks for the next start.
+    assert!(negotiate(&mmio, VERSION_1 | FLUSH));
+    setup_queue(&mmio, &driver, 0);
+    w32(&mmio, reg::STATUS, RUNNING);
+    assert_ne!(r32(&mmio, reg::STATUS) & status::NEEDS_RESET, 0);
+    assert_eq!(*spawner.names.lock().unwrap(), ["virtio-blk-q0"]);
+
+    // Allowed after the reset: the queue gets its thread from it, and I/O works.
+    spawner
+        .refuse
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    w32(&mmio, reg::STATUS, 0);
+    assert!(negotiate(&mmio, VERSION_1 | FLUSH));
+    setup_queue(&mmio, &driver, 0);
+    w32(&mmio, reg::STATUS, RUNNING);
+    assert_eq!(r32(&mmio, reg::STATUS), RUNNING);
+    assert_eq!(
+        *spawner.names.lock().unwrap(),
+        ["virtio-blk-q0", "virtio-blk-q0"]
+    );
+    let (_, flush) = driver.request(T_FLUSH, 0, &[]);
+    w32(&mmio, reg::QUEUE_NOTIFY, 0);
+    wait_for(|| driver.used_idx() == 1);
+    assert_eq!(driver.status(flush), S_OK);
 }

@@ -142,6 +142,7 @@ fn setup(queues: usize) -> Setup {
     let options = BlockOptions {
         serial: b"pci".to_vec(),
         queue_size: 64,
+        ..BlockOptions::default()
     };
     let transport =
         Arc::new(VirtioPciTransport::build(disks, mem.clone(), options, routing.clone()).unwrap());
