@@ -127,6 +127,9 @@ pub struct VcpuCounters {
     final_guest_time_ns: AtomicU64,
     final_irr: [AtomicU32; 8],
     finished: std::sync::atomic::AtomicBool,
+    // The thread's own stat file, opened as it starts: by the time it ends it may run under a
+    // seccomp filter that allows no opening of files.
+    stat_file: std::sync::Mutex<Option<std::fs::File>>,
 }
 
 impl VcpuCounters {
@@ -138,8 +141,11 @@ impl VcpuCounters {
         }
     }
 
+    /// Records the calling thread as this vCPU's, and opens its stat file.
     pub(crate) fn set_thread_id(&self, tid: i32) {
         self.thread_id.store(tid, Ordering::Relaxed);
+        let file = std::fs::File::open(format!("/proc/self/task/{tid}/stat")).ok();
+        *self.stat_file.lock().unwrap_or_else(|e| e.into_inner()) = file;
     }
 
     pub(crate) fn count_exit(&self, kind: ExitKind) {
@@ -170,8 +176,15 @@ impl VcpuCounters {
 
     /// Called on the vCPU thread as it ends, while its /proc entry still exists.
     pub(crate) fn finish(&self) {
-        let tid = self.thread_id.load(Ordering::Relaxed);
-        let guest = thread_guest_time(tid).unwrap_or_default();
+        let file = self
+            .stat_file
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let guest = file
+            .and_then(|file| read_stat(&file))
+            .and_then(|stat| parse_guest_time(&stat, clock_ticks_per_second()))
+            .unwrap_or_default();
         self.final_guest_time_ns
             .store(guest.as_nanos() as u64, Ordering::Relaxed);
         self.finished.store(true, Ordering::Release);
@@ -215,6 +228,14 @@ pub fn thread_guest_time(tid: i32) -> Option<Duration> {
     }
     let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
     parse_guest_time(&stat, clock_ticks_per_second())
+}
+
+/// The contents of an open stat file, read from its start (a stat line is a few hundred bytes).
+fn read_stat(file: &std::fs::File) -> Option<String> {
+    use std::os::unix::fs::FileExt;
+    let mut buffer = [0u8; 4096];
+    let n = file.read_at(&mut buffer, 0).ok()?;
+    String::from_utf8(buffer[..n].to_vec()).ok()
 }
 
 fn clock_ticks_per_second() -> u64 {
