@@ -9,6 +9,7 @@ use crate::definition::Definition;
 use crate::devices::virtio_blk::{MAX_QUEUES, MAX_SERIAL_BYTES};
 use crate::devices::{DiskConfig, DiskTransport, VfioConfig};
 use crate::program::Program;
+use crate::seccomp::SeccompConfig;
 use crate::vmm::VmConfig;
 
 /// Usage text.
@@ -48,6 +49,12 @@ options of run (and config):
                        /sys/bus/pci/devices/0000:01:00.0 (bound to vfio-pci; repeatable)
   --vfio-user SOCKET   attach the PCI device a vfio-user server serves on SOCKET
                        (repeatable); guest RAM is then a memfd, which the server maps
+  --no-seccomp         run every thread without its seccomp filter (for debugging)
+  --seccomp-filter FILE
+                       replace the built-in seccomp filters with FILE: seccompiler JSON
+                       with one filter each for the threads main, vcpu and io. A thread
+                       that makes a call its filter forbids ends the VM: the message
+                       names the thread and the call, and the exit code is 159
 ";
 
 /// What the command line asks for.
@@ -112,9 +119,9 @@ pub fn parse(args: &[String]) -> Result<Command, UsageError> {
 }
 
 /// Options that take no value.
-const SWITCHES: [&str; 2] = ["--prefault", "--json"];
+const SWITCHES: [&str; 3] = ["--prefault", "--json", "--no-seccomp"];
 /// Options that take a value.
-const VALUED: [&str; 14] = [
+const VALUED: [&str; 15] = [
     "--config",
     "--cpus",
     "--memory",
@@ -129,6 +136,7 @@ const VALUED: [&str; 14] = [
     "--transport",
     "--vfio",
     "--vfio-user",
+    "--seccomp-filter",
 ];
 
 /// The options of `run`: a definition file first (`--config`), wherever it stands, then
@@ -250,6 +258,8 @@ impl RunOptions {
                 .vfio
                 .push(VfioConfig::Kernel(PathBuf::from(value()?))),
             "--vfio-user" => config.vfio.push(VfioConfig::User(PathBuf::from(value()?))),
+            "--no-seccomp" => config.seccomp = SeccompConfig::Off,
+            "--seccomp-filter" => config.seccomp = SeccompConfig::File(PathBuf::from(value()?)),
             other => return Err(UsageError(format!("unknown option '{other}'"))),
         }
         Ok(())

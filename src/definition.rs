@@ -31,6 +31,7 @@ use vmkit_memory::Backing;
 use crate::cli::{backing_name, UsageError};
 use crate::devices::{DiskTransport, VfioConfig};
 use crate::program::Program;
+use crate::seccomp::SeccompConfig;
 use crate::vmm::VmConfig;
 
 /// The largest definition file read (they are a few hundred bytes).
@@ -82,6 +83,12 @@ pub struct Definition {
     /// vfio-user servers' sockets.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vfio_user: Vec<String>,
+    /// `false` runs without seccomp filters (`--no-seccomp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seccomp: Option<bool>,
+    /// A seccompiler JSON file that replaces the built-in filters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seccomp_filter: Option<String>,
 }
 
 /// One disk: the keys of `--disk`.
@@ -170,7 +177,7 @@ impl Definition {
         let mut add = |key: &str, flag: &'static str, value: Option<String>| {
             options.push((key.to_string(), flag, value));
         };
-        let scalars: [(&str, &'static str, Option<String>); 10] = [
+        let scalars: [(&str, &'static str, Option<String>); 11] = [
             ("cpus", "--cpus", self.cpus.map(|n| n.to_string())),
             ("memory", "--memory", self.memory.clone()),
             ("backing", "--backing", self.backing.clone()),
@@ -181,6 +188,11 @@ impl Definition {
             ("cmdline", "--cmdline", self.cmdline.clone()),
             ("cpu_features", "--cpu-features", self.cpu_features.clone()),
             ("transport", "--transport", self.transport.clone()),
+            (
+                "seccomp_filter",
+                "--seccomp-filter",
+                self.seccomp_filter.clone(),
+            ),
         ];
         for (key, flag, value) in scalars {
             if value.is_some() {
@@ -189,6 +201,9 @@ impl Definition {
         }
         if self.prefault == Some(true) {
             add("prefault", "--prefault", None);
+        }
+        if self.seccomp == Some(false) {
+            add("seccomp", "--no-seccomp", None);
         }
         for (i, disk) in self.disk.iter().enumerate() {
             add(&format!("disk {}", i + 1), "--disk", Some(disk.option()));
@@ -257,6 +272,11 @@ impl Definition {
                     VfioConfig::Kernel(_) => None,
                 })
                 .collect(),
+            seccomp: (config.seccomp == SeccompConfig::Off).then_some(false),
+            seccomp_filter: match &config.seccomp {
+                SeccompConfig::File(path) => Some(text(path)),
+                _ => None,
+            },
         }
     }
 }
@@ -306,7 +326,7 @@ mod tests {
         --kernel bzImage --initrd initrd.gz --cmdline console=ttyS0 --cpu-features -cx16 \
         --transport pci --disk path=a.img,cache=none,engine=sync,serial=vm0,queues=2 \
         --disk path=b.qcow2,format=qcow2,readonly=on --vfio /sys/bus/pci/devices/0000:01:00.0 \
-        --vfio-user /tmp/dev.sock";
+        --vfio-user /tmp/dev.sock --seccomp-filter filters.json";
 
     #[test]
     fn a_printed_definition_runs_the_same_vm() {
@@ -325,6 +345,15 @@ mod tests {
             "{definition}"
         );
         assert!(definition.contains("[[disk]]"), "{definition}");
+        assert!(
+            definition.contains("seccomp_filter = \"filters.json\""),
+            "{definition}"
+        );
+        let off = config_output("config --no-seccomp");
+        assert_eq!(off, "seccomp = false\n");
+        let file = write_file("off.toml", &off);
+        let config = run_config(&format!("--config {}", file.display()));
+        assert_eq!(config.seccomp, SeccompConfig::Off);
         // The defaults print nothing.
         assert_eq!(config_output("config"), "");
     }

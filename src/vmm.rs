@@ -18,6 +18,7 @@ use crate::devices::{
 };
 use crate::linux::{self, BootConfig, Initrd, LoadedKernel};
 use crate::program::{Program, ProgramError};
+use crate::seccomp::{IoThreadSpawner, SeccompConfig, SeccompError, SeccompFilters, ThreadRole};
 
 /// The GSI of COM1's interrupt (IRQ 4 on the PIC and IOAPIC).
 pub const SERIAL_IRQ: u32 = 4;
@@ -70,6 +71,9 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// The seccomp filters could not be loaded or applied.
+    #[error("seccomp: {0}")]
+    Seccomp(#[from] SeccompError),
 }
 
 /// What a VM is made of.
@@ -99,6 +103,8 @@ pub struct VmConfig {
     pub kernel: Option<KernelConfig>,
     /// Which CPU features the guest sees.
     pub cpu_policy: CpuidPolicy,
+    /// The seccomp filters of the VM's threads.
+    pub seccomp: SeccompConfig,
 }
 
 /// A Linux kernel to boot, as `--kernel`, `--initrd` and `--cmdline` give it.
@@ -131,6 +137,7 @@ impl Default for VmConfig {
             vfio: Vec::new(),
             kernel: None,
             cpu_policy: CpuidPolicy::default(),
+            seccomp: SeccompConfig::default(),
         }
     }
 }
@@ -154,6 +161,8 @@ pub struct Vmm {
     _slots: KvmSlots,
     _vm: Vm,
     ram: GuestRam,
+    io_spawner: Arc<IoThreadSpawner>,
+    seccomp: Option<Arc<SeccompFilters>>,
     started: Instant,
     vcpus_started: Duration,
 }
@@ -162,6 +171,15 @@ impl Vmm {
     /// Builds the VM described by `config` and starts its vCPUs. `started` is when the process
     /// (or the caller's measurement) began, for the start-up figures in the report.
     pub fn start(config: &VmConfig, started: Instant) -> Result<Vmm, Error> {
+        let seccomp = SeccompFilters::load(&config.seccomp)?;
+        // Device I/O threads start from here, under the io filter, whichever thread asks.
+        let io_spawner =
+            Arc::new(
+                IoThreadSpawner::start(seccomp.clone()).map_err(|source| Error::Device {
+                    device: "I/O thread spawner",
+                    source,
+                })?,
+            );
         let ram = GuestRam::new(
             &MemoryConfig::new(config.memory)
                 .with_backing(config.backing)
@@ -207,14 +225,20 @@ impl Vmm {
             };
             match pci.as_mut().filter(|_| pci_disks) {
                 Some(root) => {
-                    let device =
-                        virtio_blk::attach_pci(disk, ram.memory(), root).map_err(disk_error)?;
+                    let device = virtio_blk::attach_pci(disk, ram.memory(), root, &io_spawner)
+                        .map_err(disk_error)?;
                     disks.push(AttachedDisk::Pci(device));
                 }
                 None => {
-                    let (device, info) =
-                        virtio_blk::attach(index, disk, vm.fd(), ram.memory(), &buses.mmio)
-                            .map_err(disk_error)?;
+                    let (device, info) = virtio_blk::attach(
+                        index,
+                        disk,
+                        vm.fd(),
+                        ram.memory(),
+                        &buses.mmio,
+                        &io_spawner,
+                    )
+                    .map_err(disk_error)?;
                     disks.push(AttachedDisk::Mmio(device));
                     devices.push(info);
                 }
@@ -327,7 +351,12 @@ impl Vmm {
             }
         }
         // The devices that end the VM hold its control before the guest's first instruction.
-        let runner = VmRunner::new(vcpus, buses);
+        let mut runner = VmRunner::new(vcpus, buses);
+        if let Some(filters) = seccomp.clone() {
+            runner = runner.on_thread_start(Arc::new(move |_index| {
+                filters.apply(ThreadRole::Vcpu).map_err(|e| e.to_string())
+            }));
+        }
         exit_port.connect(runner.control());
         i8042.connect(runner.control());
         let running = runner.start()?;
@@ -345,6 +374,8 @@ impl Vmm {
             _slots: slots,
             _vm: vm,
             ram,
+            io_spawner,
+            seccomp,
             started,
             vcpus_started,
         })
@@ -353,6 +384,25 @@ impl Vmm {
     /// Pause, resume and stop the VM from another thread.
     pub fn control(&self) -> VmControl {
         self.running.control()
+    }
+
+    /// Confines the calling thread (the one that started the VM) to the **main** seccomp
+    /// filter, for what it still does: wait, report and tear the VM down. Does nothing when
+    /// seccomp is off.
+    pub fn confine_main_thread(&self) -> Result<(), SeccompError> {
+        match &self.seccomp {
+            Some(filters) => filters.apply(ThreadRole::Main),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts a thread of the VMM's own I/O (such as console input) under the io filter.
+    pub fn spawn_io_thread(
+        &self,
+        name: &str,
+        work: vmkit_virtio_blk::spawner::ThreadWork,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        self.io_spawner.spawn_thread(name.to_string(), work)
     }
 
     /// The guest's RAM (for tests and tools that inspect it).

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vmkit::devices::SerialConsole;
+use vmkit::Vmm;
 
 /// The terminal's settings before raw mode, restored when dropped.
 pub struct RawTerminal {
@@ -47,13 +48,14 @@ impl Drop for RawTerminal {
     }
 }
 
-/// Forwards standard input to `console` on a thread of its own, until standard input ends.
-/// Bytes wait while the guest's receive FIFO is full. The thread is not joined: it may be
-/// blocked reading the terminal when the VM ends, and ends with the process.
-pub fn forward_stdin(console: Arc<SerialConsole>) {
-    let spawned = std::thread::Builder::new()
-        .name("console-input".into())
-        .spawn(move || {
+/// Forwards standard input to the VM's serial console on an I/O thread of its own, until
+/// standard input ends. Bytes wait while the guest's receive FIFO is full. The thread is not
+/// joined: it may be blocked reading the terminal when the VM ends, and ends with the process.
+pub fn forward_stdin(vmm: &Vmm) {
+    let console: Arc<SerialConsole> = vmm.console();
+    let spawned = vmm.spawn_io_thread(
+        "console-input",
+        Box::new(move || {
             let mut buffer = [0u8; 64];
             let mut stdin = std::io::stdin().lock();
             while let Ok(n) = stdin.read(&mut buffer) {
@@ -69,7 +71,8 @@ pub fn forward_stdin(console: Arc<SerialConsole>) {
                     }
                 }
             }
-        });
+        }),
+    );
     if let Err(e) = spawned {
         eprintln!("vm: no console input: {e}");
     }

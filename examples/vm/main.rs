@@ -50,11 +50,18 @@ fn main() -> ExitCode {
             };
             // A kernel's console is interactive; the flat programs never read theirs.
             let raw_terminal = if config.kernel.is_some() && !json {
-                console::forward_stdin(vmm.console());
+                console::forward_stdin(&vmm);
                 console::RawTerminal::enter()
             } else {
                 None
             };
+            // From here this thread only waits, reports and tears down.
+            if let Err(error) = vmm.confine_main_thread() {
+                eprintln!("vm: {error}");
+                vmm.control().stop();
+                let _ = vmm.wait();
+                return ExitCode::FAILURE;
+            }
             let report = vmm.wait();
             drop(raw_terminal);
             if json {

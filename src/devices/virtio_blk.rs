@@ -22,6 +22,7 @@ use vmkit_virtio_blk::{
 };
 
 use crate::devices::pci::PciRoot;
+use crate::seccomp::IoThreadSpawner;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Where the first disk's registers are (inside the MMIO hole at 0xC000_0000).
@@ -118,10 +119,11 @@ fn open_disks(
         .map_err(|e| e.to_string())
 }
 
-/// The device options `config` asks for.
-fn block_options(config: &DiskConfig) -> BlockOptions {
+/// The device options `config` asks for, its I/O threads started by `spawner`.
+fn block_options(config: &DiskConfig, spawner: &Arc<IoThreadSpawner>) -> BlockOptions {
     BlockOptions {
         serial: config.serial.as_bytes().to_vec(),
+        spawner: spawner.clone(),
         ..BlockOptions::default()
     }
 }
@@ -135,6 +137,7 @@ pub fn attach(
     vm: &VmFd,
     memory: &Memory,
     mmio: &Bus,
+    spawner: &Arc<IoThreadSpawner>,
 ) -> Result<(Arc<MmioTransport<Memory>>, DeviceInfo), AttachError> {
     if index >= MAX_DISKS {
         return Err(format!(
@@ -151,7 +154,7 @@ pub fn attach(
         disks,
         Arc::new(memory.clone()),
         Arc::new(EventFdInterrupt::new(irq)),
-        block_options(config),
+        block_options(config, spawner),
     )
     .map_err(|e| e.to_string())?;
     let transport = Arc::new(MmioTransport::new(device));
@@ -193,6 +196,7 @@ pub fn attach_pci(
     config: &DiskConfig,
     memory: &Memory,
     root: &mut PciRoot,
+    spawner: &Arc<IoThreadSpawner>,
 ) -> Result<Arc<VirtioPciTransport<Memory>>, AttachError> {
     let disks = open_disks(config)?;
     let routing = root
@@ -203,7 +207,7 @@ pub fn attach_pci(
         VirtioPciTransport::build(
             disks,
             Arc::new(memory.clone()),
-            block_options(config),
+            block_options(config, spawner),
             Arc::new(routing),
         )
         .map_err(|e| e.to_string())?,
