@@ -296,6 +296,10 @@ impl Vmm {
                         e820: &ram.e820(),
                         cpu_count: config.cpus as u32,
                         protocol: kernel.default_protocol(),
+                        pci_intx: &vfio
+                            .iter()
+                            .filter_map(AttachedVfio::intx_route)
+                            .collect::<Vec<_>>(),
                     },
                 )
                 .map_err(linux_error)?;

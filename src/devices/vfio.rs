@@ -23,6 +23,7 @@ use vmkit_pci_passthrough::PciAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::pci::PciRoot;
+use crate::linux::acpi::PciIntxRoute;
 
 /// One device, as the command line names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,7 +62,7 @@ pub struct AttachedVfio {
     _dma: DmaMappings,
     address: PciAddress,
     /// The INTx line's GSI and its irqfd and resample eventfd, if the device has one.
-    _intx: Option<(u32, EventFd, EventFd)>,
+    intx: Option<(u32, EventFd, EventFd)>,
 }
 
 /// Guest RAM mapped for a device's DMA; unmapped when dropped.
@@ -89,6 +90,15 @@ impl AttachedVfio {
     /// The device model.
     pub fn device(&self) -> &Arc<VfioPciDevice> {
         &self.device
+    }
+
+    /// The device's INTx line and the GSI it is wired to, if it has one (for the DSDT).
+    pub fn intx_route(&self) -> Option<PciIntxRoute> {
+        self.intx.as_ref().map(|(gsi, _, _)| PciIntxRoute {
+            device: self.address.device(),
+            pin: self.device.interrupt_pin(),
+            gsi: *gsi,
+        })
     }
 }
 
@@ -145,7 +155,7 @@ pub fn attach(
         device,
         _dma: dma,
         address,
-        _intx: intx,
+        intx,
     })
 }
 

@@ -38,7 +38,10 @@
 //! the FADT's SCI interrupt (0 here: there is no SCI) as the SCI's, level-triggered and active
 //! low, and a hardware-reduced Linux sets up no PIT timer on IRQ 0 anyway. GSIs 16-23 cannot
 //! be described by overrides (ISA IRQs stop at 15): a device on them must be declared in the
-//! DSDT, which this module does not do for virtio-mmio devices.
+//! DSDT. For PCI functions with an INTx line (passed-through devices), the host bridge's
+//! `_PRT` does that: one entry per (device, pin) with the GSI the VMM wired the line to, which
+//! Linux programs level-triggered and active low. Virtio-mmio devices are not declared (their
+//! interrupts reach Linux through `virtio_mmio.device=`).
 //!
 //! Everything lies in 0xe0000-0xfffff, which `vmkit-memory`'s E820 map reserves (the whole
 //! 0x9fc00-0xfffff legacy area is reserved; the MP table lies at its start), each table on a
@@ -236,8 +239,19 @@ fn madt(cpu_count: u8) -> Vec<u8> {
     madt.as_slice().to_vec()
 }
 
-/// The DSDT: the PCI host bridge, `\_SB.PCI0`.
-fn dsdt() -> Vec<u8> {
+/// A PCI function's INTx line and the GSI (I/O APIC pin) the VMM wired it to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciIntxRoute {
+    /// The device number on bus 0.
+    pub device: u8,
+    /// The interrupt pin, as the configuration space says it: 1 (INTA#) to 4 (INTD#).
+    pub pin: u8,
+    /// The GSI.
+    pub gsi: u32,
+}
+
+/// The DSDT: the PCI host bridge, `\_SB.PCI0`, with a `_PRT` for the INTx lines in `intx`.
+fn dsdt(intx: &[PciIntxRoute]) -> Vec<u8> {
     let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A03"));
     let uid = aml::Name::new("_UID".into(), &aml::ZERO);
     let segment = aml::Name::new("_SEG".into(), &aml::ZERO);
@@ -255,7 +269,31 @@ fn dsdt() -> Vec<u8> {
     );
     let resources = aml::ResourceTemplate::new(vec![&bus, &config, &io_window, &mmio_window]);
     let crs = aml::Name::new("_CRS".into(), &resources);
-    let pci0 = aml::Device::new("PCI0".into(), vec![&hid, &uid, &segment, &base_bus, &crs]);
+    // _PRT entries: Package { address (device << 16 | 0xffff: any function), pin (0 = INTA#),
+    // source (0: the fourth field is a GSI), GSI }.
+    let addresses: Vec<u32> = intx
+        .iter()
+        .map(|route| (u32::from(route.device) << 16) | 0xffff)
+        .collect();
+    let pins: Vec<u8> = intx
+        .iter()
+        .map(|route| route.pin.saturating_sub(1))
+        .collect();
+    let entries: Vec<aml::Package> = intx
+        .iter()
+        .zip(addresses.iter().zip(&pins))
+        .map(|(route, (address, pin))| {
+            aml::Package::new(vec![address, pin, &aml::ZERO, &route.gsi])
+        })
+        .collect();
+    let entry_refs: Vec<&dyn Aml> = entries.iter().map(|entry| entry as &dyn Aml).collect();
+    let routing = aml::Package::new(entry_refs);
+    let prt = aml::Name::new("_PRT".into(), &routing);
+    let mut children: Vec<&dyn Aml> = vec![&hid, &uid, &segment, &base_bus, &crs];
+    if !intx.is_empty() {
+        children.push(&prt);
+    }
+    let pci0 = aml::Device::new("PCI0".into(), children);
     let system_bus = aml::Scope::new("\\_SB_".into(), vec![&pci0]);
 
     let mut dsdt = Sdt::new(
@@ -310,8 +348,10 @@ fn xsdt(fadt_address: u64, madt_address: u64) -> Vec<u8> {
 /// The ACPI tables for `cpu_count` vCPUs, as bytes to place at guest-physical `address` (the
 /// RSDP's; Linux finds it by scanning only on a 16-byte boundary in 0xe0000-0xfffff).
 ///
+/// `intx` lists the PCI functions' INTx lines for the host bridge's `_PRT`.
+///
 /// Fails with [`Error::CpuCount`] for 0 or more than [`MAX_CPUS`] vCPUs.
-pub fn acpi_tables(cpu_count: u32, address: u64) -> Result<AcpiTables> {
+pub fn acpi_tables(cpu_count: u32, address: u64, intx: &[PciIntxRoute]) -> Result<AcpiTables> {
     let ioapic_id = match u8::try_from(cpu_count) {
         Ok(count) if (1..=MAX_CPUS).contains(&cpu_count) => count,
         _ => {
@@ -322,7 +362,7 @@ pub fn acpi_tables(cpu_count: u32, address: u64) -> Result<AcpiTables> {
         }
     };
     let madt = madt(ioapic_id);
-    let dsdt = dsdt();
+    let dsdt = dsdt(intx);
 
     // Offsets from the RSDP; every table after it on a 16-byte boundary.
     let xsdt_offset = align(Rsdp::len() as u64);
@@ -372,8 +412,12 @@ fn rsdp_bytes(rsdp: &Rsdp) -> Vec<u8> {
 /// `hvm_start_info.rsdp_paddr`.
 ///
 /// Fails with [`Error::CpuCount`], or [`Error::GuestMemory`] when guest RAM ends below 1 MiB.
-pub fn write_acpi_tables<M: GuestMemoryBackend>(mem: &M, cpu_count: u32) -> Result<AcpiLayout> {
-    let tables = acpi_tables(cpu_count, RSDP_ADDRESS)?;
+pub fn write_acpi_tables<M: GuestMemoryBackend>(
+    mem: &M,
+    cpu_count: u32,
+    intx: &[PciIntxRoute],
+) -> Result<AcpiLayout> {
+    let tables = acpi_tables(cpu_count, RSDP_ADDRESS, intx)?;
     // At most a few KiB for MAX_CPUS vCPUs (the tests check the most vCPUs fit): the tables
     // never reach the kernel at 1 MiB.
     debug_assert!(RSDP_ADDRESS + tables.layout.size <= ACPI_AREA_END);
@@ -422,7 +466,7 @@ mod tests {
 
     fn read_back(cpus: u32) -> Found {
         let mem = memory(2 * MIB);
-        let layout = write_acpi_tables(&mem, cpus).unwrap();
+        let layout = write_acpi_tables(&mem, cpus, &[]).unwrap();
         assert_eq!(layout.rsdp, RSDP_ADDRESS);
         assert_eq!(u32::from(layout.ioapic_id), cpus);
 
@@ -627,7 +671,7 @@ mod tests {
     #[test]
     fn the_most_vcpus_fit_in_the_bios_area() {
         check(MAX_CPUS);
-        let tables = acpi_tables(MAX_CPUS, RSDP_ADDRESS).unwrap();
+        let tables = acpi_tables(MAX_CPUS, RSDP_ADDRESS, &[]).unwrap();
         assert!(RSDP_ADDRESS + tables.layout.size <= ACPI_AREA_END);
     }
 
@@ -636,7 +680,7 @@ mod tests {
         for count in [0, MAX_CPUS + 1, 256, u32::MAX] {
             assert!(
                 matches!(
-                    acpi_tables(count, RSDP_ADDRESS),
+                    acpi_tables(count, RSDP_ADDRESS, &[]),
                     Err(Error::CpuCount { count: c, max: 254 }) if c == count
                 ),
                 "{count}"
@@ -648,14 +692,14 @@ mod tests {
     fn guest_ram_below_the_tables_is_an_error_not_a_panic() {
         let mem = memory(0x8_0000);
         assert!(matches!(
-            write_acpi_tables(&mem, 1),
+            write_acpi_tables(&mem, 1, &[]),
             Err(Error::GuestMemory { .. })
         ));
     }
 
     #[test]
     fn the_tables_are_placed_where_asked() {
-        let tables = acpi_tables(2, 0xf_0000).unwrap();
+        let tables = acpi_tables(2, 0xf_0000, &[]).unwrap();
         assert_eq!(tables.layout.rsdp, 0xf_0000);
         assert_eq!(u64_at(&tables.bytes, 24), tables.layout.xsdt);
         assert!(tables.layout.xsdt > 0xf_0000);
@@ -697,7 +741,7 @@ mod tests {
 
     #[test]
     fn the_dsdt_declares_the_pci_host_bridge_and_its_windows() {
-        let dsdt = dsdt();
+        let dsdt = dsdt(&[]);
         assert_eq!(&dsdt[..4], b"DSDT");
         assert_eq!(u32_at(&dsdt, 4) as usize, dsdt.len());
         assert_eq!(sum(&dsdt), 0);
@@ -747,5 +791,46 @@ mod tests {
         );
         // The end tag.
         assert_eq!(descriptors[4].0, 0x78);
+    }
+
+    #[test]
+    fn the_dsdt_routes_pci_intx_lines_to_their_gsis() {
+        assert!(
+            !dsdt(&[]).windows(4).any(|w| w == b"_PRT"),
+            "no _PRT without INTx lines"
+        );
+        let routes = [
+            PciIntxRoute {
+                device: 3,
+                pin: 1,
+                gsi: 23,
+            },
+            PciIntxRoute {
+                device: 31,
+                pin: 4,
+                gsi: 300,
+            },
+        ];
+        let dsdt = dsdt(&routes);
+        assert_eq!(u32_at(&dsdt, 4) as usize, dsdt.len());
+        assert_eq!(sum(&dsdt), 0);
+        let aml = &dsdt[HEADER_SIZE..];
+        // Name (_PRT, Package (2) { ... }) inside Device (PCI0).
+        let device = aml.windows(2).position(|w| w == [0x5b, 0x82]).unwrap();
+        let prt = aml.windows(5).position(|w| w == b"\x08_PRT").unwrap();
+        assert!(prt > device);
+        assert_eq!(aml[prt + 5], 0x12, "PackageOp");
+        // Each entry: Package (4) { DWord address, pin (0 = INTA#), Zero (a GSI), the GSI }.
+        let first: &[u8] = &[0x04, 0x0c, 0xff, 0xff, 0x03, 0x00, 0x00, 0x00, 0x0a, 23];
+        let second: &[u8] = &[
+            0x04, 0x0c, 0xff, 0xff, 0x1f, 0x00, 0x0a, 0x03, 0x00, 0x0b, 0x2c, 0x01,
+        ];
+        for entry in [first, second] {
+            assert!(
+                aml[prt..].windows(entry.len()).any(|w| w == entry),
+                "{entry:x?} in {:x?}",
+                &aml[prt..]
+            );
+        }
     }
 }

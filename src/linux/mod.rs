@@ -240,6 +240,8 @@ pub struct BootConfig<'a> {
     pub cpu_count: u32,
     /// The protocol (see [`LoadedKernel::default_protocol`]).
     pub protocol: BootProtocol,
+    /// The INTx lines of PCI functions, for the DSDT's `_PRT`.
+    pub pci_intx: &'a [acpi::PciIntxRoute],
 }
 
 /// Where the boot vCPU starts.
@@ -284,7 +286,7 @@ impl BootEntry {
 /// a kernel without a PVH entry), or a memory error (guest RAM smaller than 1 MiB).
 pub fn configure<M: GuestMemoryBackend>(mem: &M, config: &BootConfig) -> Result<BootEntry> {
     let mptable = mptable::write_mptable(mem, config.cpu_count)?;
-    let acpi = acpi::write_acpi_tables(mem, config.cpu_count)?;
+    let acpi = acpi::write_acpi_tables(mem, config.cpu_count, config.pci_intx)?;
     let e820 = boot_params::e820_with_reserved(
         config.e820,
         &[(mptable.address, mptable.size), (acpi.rsdp, acpi.size)],
@@ -355,6 +357,7 @@ mod tests {
                 e820: &e820,
                 cpu_count: 2,
                 protocol: kernel.default_protocol(),
+                pci_intx: &[],
             },
         )
         .unwrap();
@@ -408,6 +411,7 @@ mod tests {
                 e820: &e820,
                 cpu_count: 1,
                 protocol: BootProtocol::Pvh,
+                pci_intx: &[],
             },
         )
         .unwrap();
@@ -438,6 +442,7 @@ mod tests {
                 e820: &e820,
                 cpu_count: 1,
                 protocol: BootProtocol::Pvh,
+                pci_intx: &[],
             },
         )
         .unwrap_err();
