@@ -164,7 +164,10 @@ fn spinning_vm_thread_modes(extra: &[&str], expected: &str) -> Vec<(String, Stri
     let modes = loop {
         let modes = thread_modes(child.id());
         let has = |name: &str| modes.iter().any(|(comm, _)| comm == name);
-        let all_expected = modes.iter().all(|(_, mode)| mode == expected);
+        let all_expected = modes
+            .iter()
+            .filter(|(comm, _)| !comm.starts_with("kvm-"))
+            .all(|(_, mode)| mode == expected);
         let started = has("vcpu1") && has("vmkit-blk-io0") && has("io-spawner");
         if (started && all_expected) || Instant::now() > deadline {
             break modes;
@@ -188,8 +191,15 @@ fn every_thread_runs_filtered_by_default_and_none_with_no_seccomp() {
             "{name} is not filtered: {modes:?}"
         );
     }
-    // Every thread of the process: KVM's own kernel worker shows its creator's mode too.
-    assert!(modes.iter().all(|(_, mode)| mode == "2"), "{modes:?}");
+    // Every thread of ours. KVM's own worker (kvm-nx-lpage-recovery) shows the mode of
+    // whichever thread it was created from, which depends on the host kernel's version.
+    assert!(
+        modes
+            .iter()
+            .filter(|(comm, _)| !comm.starts_with("kvm-"))
+            .all(|(_, mode)| mode == "2"),
+        "{modes:?}"
+    );
 
     let modes = spinning_vm_thread_modes(&["--no-seccomp"], "0");
     assert!(
