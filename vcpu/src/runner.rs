@@ -311,13 +311,7 @@ impl VmRunner {
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
-                    vcpu_thread(
-                        position,
-                        vcpu,
-                        &thread_buses,
-                        &thread_shared,
-                        thread_start.as_deref(),
-                    )
+                    vcpu_thread(position, vcpu, &thread_buses, &thread_shared, thread_start)
                 });
             let handle = match spawned {
                 Ok(handle) => handle,
@@ -461,7 +455,7 @@ fn vcpu_thread(
     mut vcpu: Vcpu,
     buses: &IoBuses,
     shared: &Shared,
-    thread_start: Option<&(dyn Fn(usize) -> std::result::Result<(), String> + Send + Sync)>,
+    thread_start: Option<ThreadStartHook>,
 ) {
     // Wait until the spawner has registered every thread for kicks.
     drop(lock(&shared.threads));
