@@ -21,9 +21,7 @@ fn pattern(disk: u32, offset: u64) -> u8 {
 
 /// A fresh image of [`IMAGE_SIZE`] bytes of [`FILL`] on a real filesystem (O_DIRECT works).
 fn image(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("disk-tests");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{name}.img"));
+    let path = common::scratch("disk-tests", &format!("{name}.img"));
     std::fs::write(&path, vec![FILL; IMAGE_SIZE]).unwrap();
     path
 }
@@ -288,9 +286,7 @@ fn qcow2_disk() {
         return;
     }
     use vmkit_block_backend::{open_sync, Format, IoBuf, OpenOptions};
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("disk-tests");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("guest.qcow2");
+    let path = common::scratch("disk-tests", "guest.qcow2");
     let _ = std::fs::remove_file(&path);
     vmkit_block_backend::qcow2::create(&path, IMAGE_SIZE as u64, 65536).unwrap();
     let disk = format!("path={},format=qcow2,serial=qcow", path.display());

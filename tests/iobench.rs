@@ -5,15 +5,13 @@
 mod common;
 use common::{kvm_available, vm};
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 const IMAGE_SIZE: usize = 1 << 20;
 const FILL: u8 = 0x77;
 
 fn image(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("iobench-tests");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("{name}.img"));
+    let path = common::scratch("iobench-tests", &format!("{name}.img"));
     std::fs::write(&path, vec![FILL; IMAGE_SIZE]).unwrap();
     path
 }

@@ -23,9 +23,7 @@ use std::process::Command;
 use std::time::Duration;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("linux-boot-tests");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    common::scratch("linux-boot-tests", name)
 }
 
 fn stderr_of(args: &[&str]) -> (Option<i32>, String) {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,9 +12,7 @@ use common::{example, kvm_available, vm};
 use vmkit::seccomp::{BUILTIN_FILTERS_JSON, EXIT_FORBIDDEN_SYSCALL};
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("seccomp-tests");
-    std::fs::create_dir_all(&dir).expect("scratch directory");
-    dir.join(name)
+    common::scratch("seccomp-tests", name)
 }
 
 /// A 16 MiB raw image.

@@ -27,6 +27,14 @@ pub const VM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 /// How long the test device server may take to start listening.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A path `name` in this test binary's scratch directory `group` under cargo's temporary
+/// directory for integration tests (a real filesystem: O_DIRECT works there).
+pub fn scratch(group: &str, name: &str) -> PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(group);
+    std::fs::create_dir_all(&dir).expect("create the scratch directory");
+    dir.join(name)
+}
+
 /// The example program `name`, which `cargo test` builds beside the test binaries' `deps`
 /// directory.
 pub fn example(name: &str) -> PathBuf {
